@@ -1,0 +1,196 @@
+"""Base networks as stem -> L ordered blocks -> tail, so NeuroTrails can split any of them.
+
+Paper map (arXiv 2505.17909):
+  Sec. 3   F(x) = f_L(...f_1(x)) as a composition of L blocks      -> SplitNet
+  App. C   Wide-ResNet-28-10 (CIFAR-100, Tiny-ImageNet)            -> wide_resnet()
+           ResNet-50 (ImageNet)                                   -> resnet50()
+           LLaMA-130M / 350M via HuggingFace LlamaForCausalLM     -> llama()
+  App. H.1 LLaMA-250M, the parameter-matched dense baseline       -> LLAMA_CONFIGS["llama-250m"]
+  Also: a CIFAR ResNet-18 and small LLaMA configs (9m/20m/60m) for quick runs and tests.
+
+Block counts L: WRN-d-k has 3 * (d - 4) / 6 blocks (12 for WRN-28-10), ResNet-50 16 bottlenecks,
+CIFAR ResNet-18 8 basic blocks, LLaMA one block per decoder layer (12 for 130M, 24 for 350M).
+
+Imports: torch and torchvision at module scope; transformers only inside llama().
+
+Deviation: ResNet-50 head pooling. Released code: pools a 4x4 window of the 7x7 map. Ours:
+  torchvision's global average pooling, so a single dense model is exactly torchvision's resnet50.
+"""
+import re
+
+import torch
+import torch.nn as nn
+import torchvision
+from torchvision.models.resnet import BasicBlock
+
+
+class SplitNet(nn.Module):
+    """stem -> blocks[0] -> ... -> blocks[L-1] -> tail; every part maps one tensor to one tensor."""
+
+    def __init__(self, stem, blocks, tail):
+        super().__init__()
+        self.stem, self.blocks, self.tail = stem, nn.ModuleList(blocks), tail
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.tail(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Wide-ResNet (Zagoruyko & Komodakis 2016), pre-activation basic blocks
+
+
+class WideBasic(nn.Module):
+    """BN-ReLU-conv3x3-BN-ReLU-conv3x3 + shortcut (1x1 conv on the activated input if shapes differ)."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(c_in), nn.BatchNorm2d(c_out)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
+
+    def forward(self, x):
+        o = torch.relu(self.bn1(x))
+        y = self.conv2(torch.relu(self.bn2(self.conv1(o))))
+        return y + (x if self.shortcut is None else self.shortcut(o))
+
+
+def wide_resnet(depth=28, width=10, num_classes=100, in_channels=3):
+    """WRN-depth-width for small images: stem conv 16, 3 stages of (depth-4)/6 blocks,
+    widths 16w / 32w / 64w, tail = BN-ReLU-global-avg-pool-fc."""
+    if (depth - 4) % 6 or depth < 10:
+        raise ValueError(f"WRN depth must be 6n+4 with n >= 1, got {depth}")
+    n = (depth - 4) // 6
+    widths = [16, 16 * width, 32 * width, 64 * width]
+    stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+    blocks = []
+    for stage in range(3):
+        for i in range(n):
+            c_in = widths[stage] if i == 0 else widths[stage + 1]
+            stride = 2 if stage > 0 and i == 0 else 1
+            blocks.append(WideBasic(c_in, widths[stage + 1], stride))
+    tail = nn.Sequential(nn.BatchNorm2d(widths[3]), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(widths[3], num_classes))
+    net = SplitNet(stem, blocks, tail)
+    _init_resnet(net)
+    return net
+
+
+def _init_resnet(net):
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# ResNets (He et al. 2016) from torchvision's blocks
+
+
+def resnet50(num_classes=1000, in_channels=3):
+    """ResNet-50 v1.5 in torchvision's layout (stride in the 3x3 conv), split into 16 bottlenecks."""
+    tv = torchvision.models.resnet50(weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        tv.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    stem = nn.Sequential(tv.conv1, tv.bn1, tv.relu, tv.maxpool)
+    blocks = [b for layer in (tv.layer1, tv.layer2, tv.layer3, tv.layer4) for b in layer]
+    return SplitNet(stem, blocks, nn.Sequential(tv.avgpool, nn.Flatten(), tv.fc))
+
+
+def resnet18_cifar(num_classes=100, in_channels=3):
+    """ResNet-18 for 32x32 inputs: 3x3 stem conv, no max-pool, 8 basic blocks (64..512)."""
+    stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+    blocks, c_in = [], 64
+    for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for i in range(2):
+            s = stride if i == 0 else 1
+            down = None
+            if s != 1 or c_in != c_out:
+                down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, s, bias=False), nn.BatchNorm2d(c_out))
+            blocks.append(BasicBlock(c_in, c_out, s, down))
+            c_in = c_out
+    tail = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes))
+    net = SplitNet(stem, blocks, tail)
+    _init_resnet(net)
+    return net
+
+
+# ----------------------------------------------------------------------------------------------
+# LLaMA (Touvron et al. 2023) through HuggingFace transformers
+
+# (layers, hidden, ffn, attention heads). 130M/350M: paper App. C; 9m-60m and 250m are the
+# configurations of the GaLore code base (Zhao et al. 2024) the paper's LM code builds on.
+LLAMA_CONFIGS = {
+    "llama-9m": (4, 128, 352, 4),
+    "llama-20m": (4, 256, 688, 4),
+    "llama-60m": (8, 512, 1376, 8),
+    "llama-130m": (12, 768, 2048, 12),
+    "llama-250m": (24, 768, 2560, 16),
+    "llama-350m": (24, 1024, 2736, 16),
+}
+
+
+class LlamaBlock(nn.Module):
+    """One HF LlamaDecoderLayer as a plain hidden -> hidden block: causal attention over positions
+    0..T-1 (SDPA with no mask is causal), rotary embeddings recomputed from the input length."""
+
+    def __init__(self, layer, rotary):
+        super().__init__()
+        self.layer, self.rotary = layer, rotary
+
+    def forward(self, h):
+        positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+        return self.layer(h, position_embeddings=self.rotary(h, positions))
+
+
+def llama(name="llama-130m", vocab_size=32000, max_seq_len=1024):
+    """LLaMA as SplitNet: stem = token embedding, blocks = decoder layers,
+    tail = final RMSNorm + untied lm_head. Weights initialised by LlamaForCausalLM."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    layers, hidden, ffn, heads = LLAMA_CONFIGS[name]
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         max_position_embeddings=max_seq_len, rms_norm_eps=1e-6,
+                         tie_word_embeddings=False, attn_implementation="sdpa")
+    hf = LlamaForCausalLM(config)
+    blocks = [LlamaBlock(layer, hf.model.rotary_emb) for layer in hf.model.layers]
+    return SplitNet(hf.model.embed_tokens, blocks, nn.Sequential(hf.model.norm, hf.lm_head))
+
+
+# ----------------------------------------------------------------------------------------------
+# Names
+
+# The paper's blocks_in_head per model (App. E.2, Tables 9-10); elsewhere about 2/3 of L.
+DEFAULT_BLOCKS_IN_HEAD = {"wrn28-10": 8, "resnet50": 10, "llama-130m": 8, "llama-350m": 16}
+
+
+def is_language_model(name):
+    return name in LLAMA_CONFIGS
+
+
+def model_names():
+    return ["wrn<depth>-<width> (e.g. wrn28-10, wrn16-4)", "resnet18", "resnet50", *LLAMA_CONFIGS]
+
+
+def build(name, num_classes=100, in_channels=3, vocab_size=32000):
+    """Build a base network by name: wrn<depth>-<width>, resnet18 (CIFAR), resnet50, llama-*."""
+    wrn = re.fullmatch(r"wrn(\d+)-(\d+)", name)
+    if wrn:
+        return wide_resnet(int(wrn[1]), int(wrn[2]), num_classes, in_channels)
+    if name == "resnet18":
+        return resnet18_cifar(num_classes, in_channels)
+    if name == "resnet50":
+        return resnet50(num_classes, in_channels)
+    if name in LLAMA_CONFIGS:
+        return llama(name, vocab_size)
+    raise ValueError(f"--model: unknown model {name!r}; choose one of: {', '.join(model_names())}")

@@ -1,0 +1,5 @@
+import sys
+from pathlib import Path
+
+# The project is flat scripts, not a package: make them importable from tests/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
