@@ -24,6 +24,7 @@ Deviations from the released code (see README "Deviations"):
 """
 import argparse
 import json
+import sys
 from collections import OrderedDict
 
 import torch
@@ -220,8 +221,9 @@ def main():
             if not 0.0 <= args.sparsity < 1.0:
                 raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
             dens = densities(net, args.sparsity, args.allocation, args.init)
-    except ValueError as e:
-        ap.error(str(e))
+    except ValueError as e:  # one line naming the flag, no usage dump
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
     config = {"model": args.model, "num_heads": args.num_heads, "blocks_in_head": net.blocks_in_head,
               "full_ensemble": args.full_ensemble, "sparsity": args.sparsity,
               "allocation": args.allocation, "init": args.init}
