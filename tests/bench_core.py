@@ -1,6 +1,6 @@
 """Benchmark of the sparsity core (not a test; pytest does not collect it).
 
-    python tests/bench_core.py [--rounds 7] [--batch-size 128]
+    python tests/bench_core.py [--rounds 7] [--batch-size 128] [--device cpu|cuda]
 
 Measures, in one run with the variants interleaved round by round:
   1. mask storage: bytes per masked weight (bool masks: 1);
@@ -26,9 +26,16 @@ import sparsity  # noqa: E402
 
 
 def timed(fn):
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def train_step(net, opt, x, y):
@@ -37,15 +44,16 @@ def train_step(net, opt, x, y):
     opt.step()
 
 
-def bench_step(rounds, batch_size):
+def bench_step(rounds, batch_size, device):
     torch.manual_seed(0)
-    treenet = neurotrails.build("wrn16-4", 3, 4, num_classes=100)
+    treenet = neurotrails.build("wrn16-4", 3, 4, num_classes=100).to(device)
     torch.manual_seed(0)
-    nt = neurotrails.build("wrn16-4", 3, 4, num_classes=100)
+    nt = neurotrails.build("wrn16-4", 3, 4, num_classes=100).to(device)
     masks = neurotrails.build_masks(nt, 0.8, delta_t=100, t_end=10_000)
     opts = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
             for n in (treenet, nt)]
-    x, y = torch.randn(batch_size, 3, 32, 32), torch.randint(0, 100, (batch_size,))
+    x = torch.randn(batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 100, (batch_size,), device=device)
     for net, opt in zip((treenet, nt), opts):  # warm-up, creates the momentum buffers
         train_step(net, opt, x, y)
     masks.apply_(opts[1])
@@ -70,11 +78,11 @@ def bench_step(rounds, batch_size):
     }
 
 
-def bench_update(rounds):
+def bench_update(rounds, device):
     g = torch.Generator().manual_seed(0)
-    weight = torch.nn.Parameter(torch.randn(32000, 768, generator=g) * 0.02)
-    weight.grad = torch.randn(32000, 768, generator=g)
-    mask = sparsity.random_mask(weight.shape, 0.7282, g)
+    weight = torch.nn.Parameter((torch.randn(32000, 768, generator=g) * 0.02).to(device))
+    weight.grad = torch.randn(32000, 768, generator=g).to(device)
+    mask = sparsity.random_mask(weight.shape, 0.7282, g).to(device)
     masks = sparsity.Masks({"w": weight}, {"w": mask}, prune="soft_magnitude", grow="rigl",
                            temperature=3.0, p0=0.5, delta_t=50, t_end=10**9)
     active = int(mask.sum())
@@ -92,9 +100,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7, help="interleaved repetitions; medians are reported")
     ap.add_argument("--batch-size", type=int, default=128, help="images per training step")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for key, value in {**bench_update(args.rounds), **bench_step(args.rounds, args.batch_size)}.items():
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    results = {**bench_update(args.rounds, args.device), **bench_step(args.rounds, args.batch_size, args.device)}
+    for key, value in results.items():
         print(f"{key:<32} {value:.4f}")
 
 
