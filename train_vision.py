@@ -1,15 +1,529 @@
-"""Vision training: WRN-28-10 / ResNet-50 on CIFAR-100, Tiny-ImageNet, ImageNet (paper Sec. 4.1, App. E).
+"""Vision training: NeuroTrails and every baseline of the paper's image experiments.
 
-Not written yet: this script only says so. The library it will use (models.py, sparsity.py,
-neurotrails.py) is complete; `python neurotrails.py --help` shows what can be inspected today.
+    python train_vision.py --dataset cifar100                      # the paper's main run
+    python train_vision.py --dataset fashion-mnist --model wrn10-2 --train-subset 5000 \\
+        --epochs 3 --compare single,treenet,ensemble,neurotrails   # offline quick comparison
+
+Paper map (arXiv 2505.17909):
+  Sec. 4.1, App. E.2, Table 9   recipes (SGD, lr, momentum, wd, batch, step decay)  -> RECIPES
+  App. E.3, Tables 11, 12, 14   epochs per method, 1/(1-S) extension               -> EPOCHS, --extend-by-density
+  Sec. 3, Alg. 1                training: mean-of-heads loss, masked SGD, DST       -> train()
+  Sec. 5.1, App. E.2            static sparse and pruning baselines                -> --method static|pruning
+  App. E.2                      full ensemble: independent training, soft voting    -> --method ensemble
+  App. F, Sec. 5.2              test metrics every epoch                            -> evaluate.summarize()
+
+Methods are settings of one loop: single (M=1, dense), treenet (M heads, dense), ensemble (M
+independent full models, each with its own init and data order; the loss is the SUM of the members'
+losses so each member trains exactly as alone), neurotrails (M heads, sparse, DST), static (same
+init, no topology updates), pruning (dense for 50% of the steps, one-shot global magnitude pruning
+to density 1-S, then fine-tuning on the same LR schedule with the topology fixed).
+
+Every run writes under --out: log.jsonl (one JSON object per epoch), last.pt (atomic, every
+epoch; loads with torch.load(weights_only=True)), config.json. --resume PATH continues exactly
+(bitwise on CPU): weights, masks, DST schedule and RNG, optimizer, epoch, data order. The test set
+is only reported, never used for selection: the last epoch is the result.
+
+Deviation: augmentation. Released code: horizontal flip only for CIFAR-100. Ours: pad-4 random
+  crop + flip, the standard CIFAR recipe the paper's dense baselines were trained with.
 """
+import argparse
+import gzip
+import json
+import math
+import os
+import shutil
 import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import evaluate
+import models
+import neurotrails
+import sparsity
+
+# App. E.2, Table 9 (ImageNet: NVIDIA's ResNet-50 recipe). Fashion-MNIST is our offline
+# stand-in, with the CIFAR optimiser settings.
+RECIPES = {
+    "cifar100": dict(model="wrn28-10", classes=100, channels=3, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                     batch_size=128, delta_t=100, sparsity=0.8, mean=(0.5071, 0.4865, 0.4409),
+                     std=(0.2673, 0.2564, 0.2762)),
+    "tinyimagenet": dict(model="wrn28-10", classes=200, channels=3, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                         batch_size=128, delta_t=100, sparsity=0.8, mean=(0.480, 0.448, 0.398),
+                         std=(0.277, 0.269, 0.282)),
+    "imagenet": dict(model="resnet50", classes=1000, channels=3, lr=0.256, momentum=0.875, weight_decay=3.05e-5,
+                     batch_size=256, delta_t=1000, sparsity=0.7, mean=(0.485, 0.456, 0.406),
+                     std=(0.229, 0.224, 0.225)),
+    "fashion-mnist": dict(model="wrn16-4", classes=10, channels=1, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                          batch_size=128, delta_t=100, sparsity=0.8, mean=(0.2860,), std=(0.3530,)),
+}
+# Epochs per (dataset, method), Tables 11, 12, 14 (TreeNet on ImageNet: 180). Sparse methods get
+# the NeuroTrails schedule; the pruning baseline the dense one x 2 (250 + 250, Table 9).
+EPOCHS = {
+    "cifar100": {"dense": 250, "treenet": 250, "sparse": 450, "pruning": 500},
+    "tinyimagenet": {"dense": 100, "treenet": 100, "sparse": 200, "pruning": 200},
+    "imagenet": {"dense": 90, "treenet": 180, "sparse": 270, "pruning": 180},
+    "fashion-mnist": {"dense": 15, "treenet": 15, "sparse": 15, "pruning": 15},
+}
+METHODS = ("neurotrails", "single", "treenet", "ensemble", "static", "pruning")
+# Config keys that may differ between a checkpoint and the run resuming it.
+RESUMABLE_CHANGES = {"data_dir", "out", "device", "workers", "bf16", "channels_last"}
 
 
-def main():
-    print("train_vision.py: the vision training loop (single, TreeNet, full ensemble, NeuroTrails, static, pruning, SET) is not written yet; see the project's open issues.", file=sys.stderr)
-    return 2
+# ----------------------------------------------------------------------------------------------
+# Data: small datasets live in memory as uint8 tensors; ImageNet-style folders use a DataLoader.
+
+
+def load_data(dataset, data_dir, train_subset=None, test_subset=None):
+    """(train, test) as dicts {x: uint8 (N,C,H,W), y: int64 (N)} or ImageFolder datasets."""
+    data_dir = Path(data_dir)
+    if dataset in ("tinyimagenet", "imagenet"):
+        return _image_folders(dataset, data_dir)
+    import torchvision
+    if dataset == "fashion-mnist":
+        _fashion_mnist_from_debian(data_dir)
+    cls = torchvision.datasets.CIFAR100 if dataset == "cifar100" else torchvision.datasets.FashionMNIST
+    try:
+        sets = [cls(str(data_dir), train=t, download=True) for t in (True, False)]
+    except Exception as e:  # offline download (URLError), corrupt or partial files, ...
+        hint = ("put cifar-100-python.tar.gz (or its extracted folder) in it" if dataset == "cifar100" else
+                "install the Debian package dataset-fashion-mnist, or put the IDX files in "
+                f"{data_dir / 'FashionMNIST' / 'raw'}")
+        raise ValueError(f"--data-dir {data_dir}: {dataset} could not be loaded or downloaded "
+                         f"({type(e).__name__}: {str(e)[:120]}); {hint}") from None
+    out = []
+    for ds, subset in zip(sets, (train_subset, test_subset)):
+        x = torch.as_tensor(ds.data)
+        x = x.permute(0, 3, 1, 2) if x.dim() == 4 else x[:, None]  # (N, C, H, W)
+        y = torch.as_tensor(ds.targets, dtype=torch.long)
+        if subset:  # a fixed random subset, the same for every run
+            idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:subset]
+            x, y = x[idx], y[idx]
+        out.append({"x": x.contiguous(), "y": y})
+    return out
+
+
+def _fashion_mnist_from_debian(data_dir, source=Path("/usr/share/datasets/fashion-mnist")):
+    """Unpack the Debian package's IDX files where torchvision's loader looks for them."""
+    raw = data_dir / "FashionMNIST" / "raw"
+    if not source.is_dir() or (raw / "t10k-labels-idx1-ubyte").exists():
+        return
+    raw.mkdir(parents=True, exist_ok=True)
+    for gz in source.glob("*-ubyte.gz"):
+        with gzip.open(gz) as src, open(raw / gz.stem, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+
+def _image_folders(dataset, data_dir):
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+    r = RECIPES[dataset]
+    norm = T.Normalize(r["mean"], r["std"])
+    if dataset == "imagenet":
+        train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        test_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
+    else:
+        train_tf = T.Compose([T.RandomCrop(64, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        test_tf = T.Compose([T.ToTensor(), norm])
+    for split in ("train", "val"):
+        if not (data_dir / split).is_dir():
+            raise ValueError(f"--data-dir {data_dir}: expected ImageFolder sub-folders train/ and val/ "
+                             f"(one folder per class) for {dataset}; {data_dir / split} is missing")
+    return ImageFolder(str(data_dir / "train"), train_tf), ImageFolder(str(data_dir / "val"), test_tf)
+
+
+def epoch_order(n, seed, epoch, member):
+    """The data order of one epoch: a permutation fixed by (seed, epoch, ensemble member)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + member)
+    return torch.randperm(n, generator=g), g
+
+
+def train_batches(data, batch_size, seed, epoch, member, dataset, device, workers=0):
+    """Yield augmented, normalised (x, y) batches for one epoch (last partial batch dropped)."""
+    if not isinstance(data, dict):  # ImageFolder
+        order, g = epoch_order(len(data), seed, epoch, member)
+        loader = torch.utils.data.DataLoader(data, batch_size, sampler=order.tolist(), num_workers=workers,
+                                             drop_last=True, generator=g, pin_memory=device != "cpu")
+        for x, y in loader:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        return
+    order, g = epoch_order(len(data["y"]), seed, epoch, member)
+    for i in range(len(order) // batch_size):
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        x = augment(data["x"][idx], g)
+        yield normalize(x.to(device), dataset), data["y"][idx].to(device)
+
+
+def augment(x, g, pad=4):
+    """Pad-4 random crop + random horizontal flip of a uint8 batch, with generator g."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dx, dy = torch.randint(0, 2 * pad + 1, (2, n), generator=g).tolist()
+    flip = torch.rand(n, generator=g) < 0.5
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def normalize(x, dataset):
+    r = RECIPES[dataset]
+    mean = torch.tensor(r["mean"], device=x.device)[:, None, None]
+    std = torch.tensor(r["std"], device=x.device)[:, None, None]
+    return (x.float() / 255 - mean) / std
+
+
+def test_batches(data, batch_size, dataset, device, workers=0):
+    if not isinstance(data, dict):
+        loader = torch.utils.data.DataLoader(data, batch_size, num_workers=workers)
+        return ((x.to(device), y) for x, y in loader)
+    return ((normalize(data["x"][i:i + batch_size].to(device), dataset), data["y"][i:i + batch_size])
+            for i in range(0, len(data["y"]), batch_size))
+
+
+def num_train(data):
+    return len(data["y"]) if isinstance(data, dict) else len(data)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+def resolve_config(args):
+    """The run's full configuration: flags, filled in from the paper's recipe for the dataset."""
+    r = RECIPES[args.dataset]
+    method = args.method
+    dense = method in ("single", "treenet", "ensemble")
+    cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "compare")}
+    cfg["model"] = args.model or r["model"]
+    for key in ("lr", "momentum", "weight_decay", "batch_size", "delta_t"):
+        if cfg[key] is None:
+            cfg[key] = r[key]
+    cfg["num_heads"] = 1 if method == "single" else args.num_heads
+    cfg["sparsity"] = 0.0 if dense else (r["sparsity"] if args.sparsity is None else args.sparsity)
+    kind = "dense" if method in ("single", "ensemble") else "treenet" if method == "treenet" else \
+        "pruning" if method == "pruning" else "sparse"
+    epochs = args.epochs or EPOCHS[args.dataset][kind]
+    if args.extend_by_density:  # Evci et al. 2020: sparse runs may be extended by at most 1/(1-S)
+        epochs = math.floor((args.epochs or EPOCHS[args.dataset]["dense"]) / (1 - cfg["sparsity"]))
+    cfg["epochs"] = epochs
+    cfg["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = cfg["device"].startswith("cuda")
+    cfg["bf16"] = on_gpu if args.bf16 is None else args.bf16
+    cfg["channels_last"] = on_gpu if args.channels_last is None else args.channels_last
+    cfg["out"] = args.out or (f"runs/{args.dataset}-{cfg['model']}-{method}-M{cfg['num_heads']}"
+                              f"-S{cfg['sparsity']}-seed{args.seed}")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg):
+    """One clear ValueError per bad value, naming the flag."""
+    if cfg["batch_size"] < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {cfg['batch_size']}")
+    if cfg["epochs"] < 1:
+        raise ValueError(f"--epochs must be >= 1, got {cfg['epochs']}")
+    if not 0.0 <= cfg["sparsity"] < 1.0:
+        raise ValueError(f"--sparsity must be in [0, 1), got {cfg['sparsity']}")
+    if cfg["method"] not in ("single", "treenet", "ensemble") and cfg["sparsity"] == 0.0:
+        raise ValueError(f"--method {cfg['method']} needs --sparsity > 0 (use treenet for a dense multi-head run)")
+    if cfg["num_heads"] < 1:
+        raise ValueError(f"--num-heads must be >= 1, got {cfg['num_heads']}")
+    if cfg["lr"] <= 0:
+        raise ValueError(f"--lr must be > 0, got {cfg['lr']}")
+
+
+def build_run(cfg, steps_per_epoch):
+    """Network, masks and optimiser for a configuration, initialised from cfg['seed']."""
+    torch.manual_seed(cfg["seed"])
+    net = neurotrails.build(cfg["model"], cfg["num_heads"], cfg["blocks_in_head"],
+                            cfg["method"] == "ensemble", num_classes=RECIPES[cfg["dataset"]]["classes"],
+                            in_channels=RECIPES[cfg["dataset"]]["channels"]).to(cfg["device"])
+    if cfg["channels_last"]:
+        net = net.to(memory_format=torch.channels_last)
+    masks = None
+    if cfg["method"] in ("neurotrails", "static"):
+        masks = neurotrails.build_masks(net, cfg["sparsity"], cfg["allocation"], cfg["init"], cfg["seed"],
+                                        prune="magnitude", grow=cfg["grow"], p0=cfg["drop_fraction"],
+                                        delta_t=cfg["delta_t"] if cfg["method"] == "neurotrails" else 0,
+                                        t_end=cfg["epochs"] * steps_per_epoch)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True,
+                          weight_decay=cfg["weight_decay"])
+    return net, masks, opt
+
+
+def lr_at(epoch, cfg):
+    """Step decay: lr x 0.1 after 25%, 50% and 75% of the epochs (App. E.2)."""
+    passed = sum(epoch >= f * cfg["epochs"] for f in (0.25, 0.5, 0.75))
+    return cfg["lr"] * 0.1 ** passed
+
+
+def prune_to_fixed_topology(net, cfg):
+    """Pruning baseline: one-shot global magnitude pruning to density 1 - S, topology then fixed."""
+    weights = neurotrails.masked_weights(net)
+    masks = sparsity.Masks(weights, sparsity.global_magnitude_masks(weights, 1.0 - cfg["sparsity"]), delta_t=0)
+    masks.apply_()
+    return masks
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, cfg=None):
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--resume {path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"--resume {path}: not a readable checkpoint ({type(e).__name__})") from None
+    if cfg is not None:
+        diff = sorted(k for k in set(cfg) | set(state["config"])
+                      if k not in RESUMABLE_CHANGES and cfg.get(k) != state["config"].get(k))
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {state['config'].get(k)!r} vs now {cfg.get(k)!r}" for k in diff[:4])
+            raise ValueError(f"--resume {path}: checkpoint is from a different configuration ({detail})")
+    return state
+
+
+def restore(state, net, opt, cfg):
+    net.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    masks = None
+    if state["masks"] is not None:
+        masks = sparsity.Masks(neurotrails.masked_weights(net), {})
+        masks.load_state_dict(state["masks"])
+    torch.set_rng_state(state["rng"])
+    return masks
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop
+
+
+def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0):
+    """Train from start_epoch to cfg['epochs']; evaluate, log and checkpoint after every epoch."""
+    out = Path(cfg["out"])
+    device, members = cfg["device"], cfg["num_heads"] if cfg["method"] == "ensemble" else 1
+    steps_per_epoch = num_train(train_data) // cfg["batch_size"]
+    prune_step = cfg["epochs"] * steps_per_epoch // 2  # pruning baseline: half-way
+    autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=cfg["bf16"])
+    record = None
+    for epoch in range(start_epoch, cfg["epochs"]):
+        lr = lr_at(epoch, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        net.train()
+        start, loss_sum = time.perf_counter(), torch.zeros((), device=device)
+        streams = [train_batches(train_data, cfg["batch_size"], cfg["seed"], epoch, i, cfg["dataset"], device,
+                                 cfg["workers"]) for i in range(members)]
+        for batches in tqdm(zip(*streams), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
+                            leave=False, disable=not sys.stderr.isatty()):
+            step += 1
+            with autocast:
+                if cfg["method"] == "ensemble":  # independent members, each on its own batch
+                    loss = sum(F.cross_entropy(head(x), y) for head, (x, y) in zip(net.heads, batches))
+                else:
+                    x, y = batches[0]
+                    if cfg["channels_last"]:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    # Sec. 3: L = 1/M sum_i L_i(F_h^i(F_s(x)), y)
+                    loss = neurotrails.ensemble_loss(net(x), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}; "
+                                         f"the last good checkpoint is {out / 'last.pt'}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if masks is not None:
+                masks.apply_(opt)
+                if masks.is_update_step(step):
+                    masks.update(step, opt)
+            if cfg["method"] == "pruning" and step == prune_step:
+                masks = prune_to_fixed_topology(net, cfg)
+            loss_sum += loss.detach()
+        train_time = time.perf_counter() - start
+        logits, labels = evaluate.predict(net, test_batches(test_data, 256, cfg["dataset"], device, cfg["workers"]),
+                                          device)
+        record = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": loss_sum.item() / steps_per_epoch,
+                  **evaluate.summarize(logits, labels, cfg["aggregate"]),
+                  "density": component_densities(net), "epoch_time_s": train_time,
+                  "ms_per_step": 1000 * train_time / steps_per_epoch}
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"epoch {epoch + 1} | loss {record['train_loss']:.3f} | lr {lr:.4g} | acc {100 * record['acc']:.1f}% | "
+              f"nll {record['nll']:.3f} | ece {record['ece']:.3f} | pd {100 * record['pd_any']:.1f}% | "
+              f"{record['ms_per_step']:.0f} ms/step", flush=True)
+        save_checkpoint(out / "last.pt", {
+            "config": cfg, "epoch": epoch + 1, "step": step, "model": net.state_dict(),
+            "optimizer": opt.state_dict(), "masks": masks.state_dict() if masks is not None else None,
+            "rng": torch.get_rng_state()})
+    return record
+
+
+def component_densities(net):
+    """Fraction of nonzero weights in the masked tensors of the backbone and each head."""
+    counts = {}
+    for name, w in neurotrails.masked_weights(net).items():
+        c = counts.setdefault(neurotrails.component(name), [0, 0])
+        c[0] += int(torch.count_nonzero(w))
+        c[1] += w.numel()
+    return {k: round(a / n, 6) for k, (a, n) in counts.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+
+
+def run(cfg, resume=None):
+    """One configuration end to end; returns the last epoch's record plus cost figures."""
+    train_data, test_data = load_data(cfg["dataset"], cfg["data_dir"], cfg["train_subset"], cfg["test_subset"])
+    steps_per_epoch = num_train(train_data) // cfg["batch_size"]
+    if steps_per_epoch < 1:
+        raise ValueError(f"--batch-size {cfg['batch_size']} is larger than the training set ({num_train(train_data)})")
+    state = load_checkpoint(resume, cfg) if resume else None
+    net, masks, opt = build_run(cfg, steps_per_epoch)
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    start_epoch, step = 0, 0
+    if state is not None:
+        masks = restore(state, net, opt, cfg)
+        start_epoch, step = state["epoch"], state["step"]
+        _truncate_log(out / "log.jsonl", start_epoch)
+    else:
+        (out / "log.jsonl").unlink(missing_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    print("config " + json.dumps(cfg), flush=True)
+    record = train(cfg, net, masks, opt, train_data, test_data, start_epoch, step)
+    if record is None:  # resumed a finished run
+        record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    example = next(test_batches(test_data, 1, cfg["dataset"], cfg["device"]))[0]
+    record.update(evaluate.parameter_counts(net), **cost_vs_single(net, cfg, example))
+    return record
+
+
+def _truncate_log(path, epochs):
+    """Keep the first `epochs` lines of a log being resumed (a kill may leave a later one)."""
+    if path.exists():
+        lines = path.read_text().splitlines()[:epochs]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def cost_vs_single(net, cfg, example):
+    """Inference FLOPs of this network and as a ratio to the single dense base model."""
+    single = models.build(cfg["model"], num_classes=RECIPES[cfg["dataset"]]["classes"],
+                          in_channels=RECIPES[cfg["dataset"]]["channels"]).to(example.device)
+    base = evaluate.inference_flops(single, example)["dense"]
+    flops = evaluate.inference_flops(net, example)["sparse"]
+    return {"infer_flops": flops, "infer_flops_vs_single": flops / base}
+
+
+def load_for_eval(checkpoint, data_dir=None, batch_size=256):
+    """(network with the checkpoint's weights, config, test batches), for evaluate.py."""
+    state = load_checkpoint(checkpoint)
+    cfg = dict(state["config"], device="cuda" if torch.cuda.is_available() else "cpu", channels_last=False)
+    if data_dir:
+        cfg["data_dir"] = data_dir
+    _, test_data = load_data(cfg["dataset"], cfg["data_dir"], 64, cfg["test_subset"])
+    net, _, _ = build_run(cfg, 1)
+    net.load_state_dict(state["model"])
+    return net, cfg, test_batches(test_data, batch_size, cfg["dataset"], cfg["device"])
+
+
+def print_table(rows):
+    print(f"\n{'method':<12} {'acc %':>6} {'NLL':>7} {'ECE':>6} {'PD any %':>9} {'PD pair %':>9} "
+          f"{'FLOPs vs single':>15} {'active params':>14}")
+    for method, r in rows.items():
+        print(f"{method:<12} {100 * r['acc']:>6.2f} {r['nll']:>7.4f} {r['ece']:>6.4f} {100 * r['pd_any']:>9.2f} "
+              f"{100 * r['pd_pairwise']:>9.2f} {r['infer_flops_vs_single']:>15.3f} {r['active_params']:>14,}")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv=None):
+    ap = Parser(description="Train NeuroTrails or a baseline on an image dataset (paper Sec. 4.1). Defaults "
+                "are the paper's recipe for the dataset; flags left unset take them.")
+    ap.add_argument("--dataset", default="cifar100", choices=list(RECIPES), help="dataset (default: cifar100)")
+    ap.add_argument("--data-dir", default="data", help="dataset folder; CIFAR-100 / Fashion-MNIST are downloaded "
+                    "here if missing, ImageNet / Tiny-ImageNet need train/ and val/ ImageFolder sub-folders")
+    ap.add_argument("--method", default="neurotrails", choices=METHODS,
+                    help="neurotrails | single (dense, M=1) | treenet (dense heads) | ensemble (M full models) | "
+                         "static (sparse, no topology updates) | pruning (dense 50%%, prune, fine-tune)")
+    ap.add_argument("--compare", default=None,
+                    help="comma-separated methods to train one after another, then print one comparison table")
+    ap.add_argument("--model", default=None, help="base network (default per dataset: wrn28-10, resnet50, wrn16-4): "
+                    + ", ".join(models.model_names()))
+    ap.add_argument("--num-heads", type=int, default=3, help="M, heads or ensemble members (single: 1)")
+    ap.add_argument("--blocks-in-head", type=int, default=None,
+                    help="|F_h|, blocks per head (default: paper's value, 8 for WRN-28-10, 10 for ResNet-50)")
+    ap.add_argument("--sparsity", type=float, default=None, help="S in [0, 1) of sparse methods (default: 0.8; "
+                    "ImageNet 0.7); dense methods use 0")
+    ap.add_argument("--allocation", default="global", choices=["global", "per-component"],
+                    help="ER solve over all tensors at once (released code) or per backbone / head (Alg. 1)")
+    ap.add_argument("--init", default="er", choices=["er", "uniform"], help="layerwise density rule")
+    ap.add_argument("--grow", default="rigl", choices=["rigl", "set"], help="regrowth: RigL (|grad|) or SET (random)")
+    ap.add_argument("--drop-fraction", type=float, default=0.5, help="p0, initial DST drop fraction (cosine to 0)")
+    ap.add_argument("--delta-t", type=int, default=None, help="steps between topology updates (100; ImageNet 1000)")
+    ap.add_argument("--aggregate", default="probs", choices=["probs", "logits"],
+                    help="ensemble prediction: mean of probabilities (paper) or of logits (released code)")
+    ap.add_argument("--epochs", type=int, default=None, help="override the paper's epochs for the method")
+    ap.add_argument("--extend-by-density", action="store_true",
+                    help="train floor(dense epochs / (1 - S)) epochs: the 1/(1-S) extension limit (Evci 2020)")
+    ap.add_argument("--batch-size", type=int, default=None, help="images per step (128; ImageNet 256)")
+    ap.add_argument("--lr", type=float, default=None, help="initial learning rate (0.1; ImageNet 0.256)")
+    ap.add_argument("--momentum", type=float, default=None, help="SGD Nesterov momentum (0.9; ImageNet 0.875)")
+    ap.add_argument("--weight-decay", type=float, default=None, help="L2 weight decay (5e-4; ImageNet 3.05e-5)")
+    ap.add_argument("--train-subset", type=int, default=None, help="train on a fixed random subset of N images")
+    ap.add_argument("--test-subset", type=int, default=None, help="test on a fixed random subset of N images")
+    ap.add_argument("--seed", type=int, default=0, help="seed of init, masks, data order and augmentation")
+    ap.add_argument("--out", default=None, help="output folder (default: runs/<dataset>-<model>-<method>-...)")
+    ap.add_argument("--resume", default=None, help="continue exactly from this last.pt")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers for ImageFolder datasets")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 autocast (default: on with CUDA)")
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                    help="channels-last memory format (default: on with CUDA)")
+    return ap, ap.parse_args(argv)
+
+
+def main(argv=None):
+    ap, args = parse_args(argv)
+    try:
+        if args.compare:
+            methods = args.compare.split(",")
+            bad = [m for m in methods if m not in METHODS]
+            if bad:
+                raise ValueError(f"--compare: unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
+            rows = {}
+            for m in methods:
+                cfg = resolve_config(argparse.Namespace(**{**vars(args), "method": m, "out": None if args.out is None
+                                                           else f"{args.out}/{m}"}))
+                print(f"\n== {m}", flush=True)
+                rows[m] = run(cfg)
+            print_table(rows)
+        else:
+            record = run(resolve_config(args), args.resume)
+            print_table({args.method: record})
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

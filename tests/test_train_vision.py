@@ -1,0 +1,161 @@
+"""train_vision.py on real offline data (Fashion-MNIST from the Debian package dataset-fashion-mnist):
+every method runs, logs and checkpoints; a SIGKILLed run resumes to bitwise-equal weights; bad
+input gets one clear line and a non-zero exit with earlier checkpoints untouched."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_vision
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = pytest.mark.skipif(not DEBIAN.is_dir(), reason="needs the Debian package dataset-fashion-mnist "
+                                "(apt-get install dataset-fashion-mnist; .ci/run installs it)")
+TINY = ["--dataset", "fashion-mnist", "--model", "wrn10-1", "--train-subset", "256", "--test-subset", "128",
+        "--batch-size", "32", "--delta-t", "3", "--num-heads", "2", "--blocks-in-head", "2"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    train_vision.load_data("fashion-mnist", d)  # unpack once for every test here
+    return d
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "train_vision.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_fashion_mnist_is_the_real_dataset(data_dir):
+    train, test = train_vision.load_data("fashion-mnist", data_dir)
+    assert train["x"].shape == (60000, 1, 28, 28) and test["x"].shape == (10000, 1, 28, 28)
+    assert train["x"].dtype == torch.uint8
+    assert torch.bincount(train["y"]).tolist() == [6000] * 10
+
+
+@pytest.mark.parametrize("method", ["single", "treenet", "ensemble", "neurotrails", "static", "pruning"])
+def test_every_method_trains_logs_and_checkpoints(method, data_dir, tmp_path):
+    train_vision.main(TINY + ["--data-dir", str(data_dir), "--method", method, "--epochs", "2",
+                              "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("train_loss", "lr", "acc", "nll", "ece", "pd_any", "pd_pairwise", "head_acc", "density",
+                "epoch_time_s"):
+        assert key in rows[-1]
+    heads = 1 if method == "single" else 2
+    assert len(rows[-1]["head_acc"]) == heads
+    ckpt = load(tmp_path / "last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["config"]["method"] == method
+    density = rows[-1]["density"]
+    overall = sum(density.values()) / len(density)
+    if method in ("single", "treenet", "ensemble"):
+        assert set(density.values()) == {1.0} and ckpt["masks"] is None
+    else:  # sparse at the end; pruning became sparse half-way
+        assert ckpt["masks"] is not None and overall < 0.5
+    if method == "ensemble":
+        assert set(density) == {"head0", "head1"}
+
+
+def test_sigkilled_run_resumes_to_bitwise_equal_weights(data_dir, tmp_path):
+    args = TINY + ["--data-dir", str(data_dir), "--epochs", "4", "--grow", "set"]
+    train_vision.main(args + ["--out", str(tmp_path / "a")])
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_vision.py"), *args, "--out", str(tmp_path / "b")],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "b" / "log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 1 and (tmp_path / "b" / "last.pt").exists():
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    interrupted_at = load(tmp_path / "b" / "last.pt")["epoch"]
+    assert 1 <= interrupted_at < 4, "the run was not interrupted mid-way"
+    train_vision.main(args + ["--out", str(tmp_path / "b"), "--resume", str(tmp_path / "b" / "last.pt")])
+    a, b = load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 4 and a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["masks"]["masks"]:
+        assert torch.equal(a["masks"]["masks"][k], b["masks"]["masks"][k])
+    log_a = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["acc"] for r in log_a] == [r["acc"] for r in log_b]
+
+
+def test_resume_of_a_different_configuration_is_refused_and_leaves_the_checkpoint(data_dir, tmp_path):
+    train_vision.main(TINY + ["--data-dir", str(data_dir), "--epochs", "1", "--out", str(tmp_path)])
+    before = (tmp_path / "last.pt").read_bytes()
+    out = cli(*TINY, "--data-dir", str(data_dir), "--epochs", "1", "--sparsity", "0.5", "--out", str(tmp_path),
+              "--resume", str(tmp_path / "last.pt"))
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]
+    assert "different configuration (sparsity: checkpoint 0.8 vs now 0.5)" in out.stderr
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("args,match,code", [
+    (["--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'", 2),
+    (["--model", "vgg11"], "--model: unknown model 'vgg11'", 1),
+    (["--sparsity", "1.0"], "--sparsity must be in [0, 1), got 1.0", 1),
+    (["--sparsity", "-0.2"], "--sparsity must be in [0, 1), got -0.2", 1),
+    (["--blocks-in-head", "0"], "--blocks-in-head must be in [1, 3] for wrn10-1, got 0", 1),
+    (["--blocks-in-head", "4"], "--blocks-in-head must be in [1, 3] for wrn10-1, got 4", 1),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0", 1),
+    (["--batch-size", "1000"], "--batch-size 1000 is larger than the training set (256)", 1),
+    (["--resume", "/nonexistent/last.pt"], "--resume /nonexistent/last.pt: no such checkpoint", 1),
+    (["--lr", "1e12"], "loss is", 1),
+])
+def test_bad_input_gets_one_clear_line(args, match, code, data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_vision.main(TINY + ["--data-dir", str(data_dir), "--epochs", "1", "--out", str(tmp_path / "run"), *args])
+    assert exit_.value.code == code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0], lines
+
+
+def test_missing_or_corrupt_data_dir_fails_fast_with_a_hint(tmp_path):
+    start = time.time()
+    out = cli("--dataset", "cifar100", "--data-dir", str(tmp_path / "empty"), "--epochs", "1",
+              "--out", str(tmp_path / "run"))
+    assert out.returncode == 1 and time.time() - start < 60
+    assert "--data-dir" in out.stderr and "cifar-100-python.tar.gz" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    raw = tmp_path / "bad" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"not an idx file")
+    out = cli("--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "bad"), "--epochs", "1",
+              "--out", str(tmp_path / "run"))
+    assert out.returncode == 1 and "fashion-mnist could not be loaded" in out.stderr
+    out = cli("--dataset", "imagenet", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "run"))
+    assert out.returncode == 1 and "expected ImageFolder sub-folders train/ and val/" in out.stderr
+
+
+def test_lr_step_decay_at_25_50_75_percent():
+    cfg = {"lr": 0.1, "epochs": 8}
+    assert [train_vision.lr_at(e, cfg) for e in range(8)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001])
+
+
+def test_augmentation_is_a_crop_and_flip_of_the_input():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.uint8).view(2, 1, 6, 6)
+    out = train_vision.augment(x, g, pad=0)  # no padding: every crop is the image itself
+    for i in range(2):
+        assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(2))
+    big = train_vision.augment(torch.full((64, 1, 8, 8), 7, dtype=torch.uint8), g)
+    assert big.shape == (64, 1, 8, 8) and (big == 0).any() and (big == 7).any()  # padding shows up
