@@ -76,9 +76,10 @@ def summarize(head_logits, labels, aggregate="probs"):
 
 
 @torch.no_grad()
-def predict(net, batches, device="cpu"):
+def predict(net, batches):
     """Per-head logits (M, N, C) and labels (N) over `batches`, in eval mode under no_grad."""
     was_training = net.training
+    device = next(net.parameters()).device
     net.eval()
     logits, labels = [], []
     for x, y in batches:

@@ -331,13 +331,13 @@ def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0):
         for batches in tqdm(zip(*streams), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
                             leave=False, disable=not sys.stderr.isatty()):
             step += 1
+            if cfg["channels_last"]:
+                batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
             with autocast:
                 if cfg["method"] == "ensemble":  # independent members, each on its own batch
                     loss = sum(F.cross_entropy(head(x), y) for head, (x, y) in zip(net.heads, batches))
                 else:
                     x, y = batches[0]
-                    if cfg["channels_last"]:
-                        x = x.contiguous(memory_format=torch.channels_last)
                     # Sec. 3: L = 1/M sum_i L_i(F_h^i(F_s(x)), y)
                     loss = neurotrails.ensemble_loss(net(x), y)
             if not torch.isfinite(loss):
@@ -354,8 +354,7 @@ def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0):
                 masks = prune_to_fixed_topology(net, cfg)
             loss_sum += loss.detach()
         train_time = time.perf_counter() - start
-        logits, labels = evaluate.predict(net, test_batches(test_data, 256, cfg["dataset"], device, cfg["workers"]),
-                                          device)
+        logits, labels = evaluate.predict(net, test_batches(test_data, 256, cfg["dataset"], device, cfg["workers"]))
         record = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": loss_sum.item() / steps_per_epoch,
                   **evaluate.summarize(logits, labels, cfg["aggregate"]),
                   "density": component_densities(net), "epoch_time_s": train_time,

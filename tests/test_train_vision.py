@@ -159,3 +159,21 @@ def test_augmentation_is_a_crop_and_flip_of_the_input():
         assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(2))
     big = train_vision.augment(torch.full((64, 1, 8, 8), 7, dtype=torch.uint8), g)
     assert big.shape == (64, 1, 8, 8) and (big == 0).any() and (big == 7).any()  # padding shows up
+
+
+def test_evaluate_checkpoint_reproduces_the_logged_metrics_and_plots(data_dir, tmp_path):
+    train_vision.main(TINY + ["--data-dir", str(data_dir), "--epochs", "1", "--out", str(tmp_path)])
+    last = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    out = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(tmp_path / "last.pt"),
+                          "--json", "--plot", str(tmp_path / "rel.png"), "--history", str(tmp_path / "log.jsonl"),
+                          "--history-plot", str(tmp_path / "hist.png")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.splitlines()[-1])
+    for key in ("acc", "nll", "ece", "pd_any", "pd_pairwise", "head_acc"):
+        assert got[key] == pytest.approx(last[key], abs=1e-6), key
+    for png in ("rel.png", "hist.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(tmp_path / "nope.pt")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert bad.returncode == 1 and "no such checkpoint" in bad.stderr
