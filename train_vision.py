@@ -212,6 +212,16 @@ def resolve_config(args):
     on_gpu = cfg["device"].startswith("cuda")
     cfg["bf16"] = on_gpu if args.bf16 is None else args.bf16
     cfg["channels_last"] = on_gpu if args.channels_last is None else args.channels_last
+    if models.is_language_model(cfg["model"]):
+        raise ValueError(f"--model {cfg['model']} is a language model; train it with train_lm.py")
+    with torch.device("meta"):  # block count L of the base model, without allocating it
+        num_blocks = len(models.build(cfg["model"], num_classes=r["classes"], in_channels=r["channels"]).blocks)
+    if method == "ensemble":
+        cfg["blocks_in_head"] = None
+    elif cfg["blocks_in_head"] is None:
+        cfg["blocks_in_head"] = neurotrails.default_blocks_in_head(cfg["model"], num_blocks)
+    neurotrails.validate(cfg["model"], cfg["num_heads"], cfg["blocks_in_head"], num_blocks, cfg["sparsity"],
+                         method == "ensemble")
     cfg["out"] = args.out or (f"runs/{args.dataset}-{cfg['model']}-{method}-M{cfg['num_heads']}"
                               f"-S{cfg['sparsity']}-seed{args.seed}")
     validate(cfg)

@@ -5,8 +5,9 @@
 Measures, in one run with the variants interleaved round by round:
   1. mask storage: bytes per masked weight (bool masks: 1);
   2. Masks.apply_ after an SGD step vs one TreeNet training step of WRN-16-4 (M=3, 4 blocks in
-     head, CIFAR-sized batch) on this CPU, and a whole NeuroTrails step (S=0.8, apply_ included)
-     vs the TreeNet step;
+     head, CIFAR-sized batch) on this CPU, a whole NeuroTrails step (S=0.8, apply_ included)
+     vs the TreeNet step, one topology update (magnitude + RigL) of that network, and the mask
+     and DST overhead per step (apply_ + update / delta_t) relative to the TreeNet step;
   3. one full topology update (soft-magnitude prune T=3 + RigL grow, drop fraction 0.5) of a
      32000 x 768 tensor at the density the LLaMA-130M global ER solve gives it (0.728), and the
      same tensor with the plain kthvalue selection for comparison.
@@ -66,6 +67,7 @@ def bench_step(rounds, batch_size, device):
             train_step(nt, opts[1], x, y)
             t_apply[-1] = timed(lambda: masks.apply_(opts[1]))
         t_nt.append(timed(nt_step))
+    t_update = [timed(lambda: masks.update(100 * (r + 1), opts[1])) for r in range(3)]  # grads still present
     stored = sum(m.numel() * m.element_size() for m in masks.masks.values())
     weights = sum(m.numel() for m in masks.masks.values())
     return {
@@ -75,6 +77,10 @@ def bench_step(rounds, batch_size, device):
         "apply_s": statistics.median(t_apply),
         "apply_over_treenet_step": statistics.median(a / t for a, t in zip(t_apply, t_tree)),
         "neurotrails_over_treenet_step": statistics.median(n / t for n, t in zip(t_nt, t_tree)),
+        "topology_update_s": statistics.median(t_update),
+        # apply_ every step + one update every delta_t = 100 steps, per TreeNet step
+        "mask_and_dst_overhead": (statistics.median(t_apply) + statistics.median(t_update) / 100)
+        / statistics.median(t_tree),
     }
 
 

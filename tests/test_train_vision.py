@@ -109,6 +109,8 @@ def test_resume_of_a_different_configuration_is_refused_and_leaves_the_checkpoin
 @pytest.mark.parametrize("args,match,code", [
     (["--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'", 2),
     (["--model", "vgg11"], "--model: unknown model 'vgg11'", 1),
+    (["--model", "llama-9m"], "--model llama-9m is a language model; train it with train_lm.py", 1),
+    (["--num-heads", "0"], "--num-heads must be >= 1, got 0", 1),
     (["--sparsity", "1.0"], "--sparsity must be in [0, 1), got 1.0", 1),
     (["--sparsity", "-0.2"], "--sparsity must be in [0, 1), got -0.2", 1),
     (["--blocks-in-head", "0"], "--blocks-in-head must be in [1, 3] for wrn10-1, got 0", 1),
