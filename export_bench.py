@@ -1,15 +1,315 @@
-"""ONNX export and DeepSparse / ONNX Runtime benchmark (paper Sec. 5.4, Table 7, App. J).
+"""ONNX export of a NeuroTrails ensemble and a CPU inference benchmark on DeepSparse and ONNX Runtime.
 
-Not written yet: this script only says so. The library it will use (models.py, sparsity.py,
-neurotrails.py) is complete; `python neurotrails.py --help` shows what can be inspected today.
+    python export_bench.py export --checkpoint runs/.../last.pt --out model.onnx
+    python export_bench.py export --model wrn28-10 --num-heads 3 --blocks-in-head 8 --sparsity 0.95 --out m.onnx
+    python export_bench.py bench --variants single ensemble nt:0.8 nt:0.95 --batch-size 64
+    python export_bench.py table7                      # the paper's Table 7 set, beside its ratios
+
+Paper map (arXiv 2505.17909):
+  Sec. 5.4, Table 7   throughput (items/s) and latency (ms/batch) on DeepSparse     -> bench(), table7
+  App. J, Fig. 8      theoretical (FLOP) vs measured speed-up                      -> the efficiency column
+  Sec. 3              one graph: backbone once, M heads, soft vote inside           -> export()
+
+One ONNX graph per model: the masks are already exact zeros in the weights, BatchNorm is in eval
+mode, the backbone is computed once, and the output is the ensemble's class probabilities (mean of
+the heads' softmax). After export, ONNX Runtime's output is compared with PyTorch's on a fixed batch
+(max abs difference must be <= 1e-4) and the zeros of every masked weight are counted again in the
+graph's initialisers, per component.
+
+DeepSparse (Neural Magic's sparse-aware CPU engine) is optional: without it (Python >= 3.12, ARM,
+no AVX2) the benchmark says so in one line and runs ONNX Runtime (the dense reference) only.
+NM_DISABLE_ANALYTICS=1 is set before deepsparse is imported, unless the user set it.
+
+Variants: single (dense, M=1), ensemble (M dense members), treenet (M dense heads), nt:S
+(NeuroTrails at sparsity S). Weights of bench variants are freshly initialised with random masks
+at the allocated densities: speed does not depend on trained values, only on where the zeros are.
 """
+import argparse
+import os
+import statistics
 import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import evaluate
+import models
+import neurotrails
+
+# Paper Table 7 (items/s, DeepSparse, batch size not stated): throughput relative to single dense.
+PAPER_TABLE7 = {"single": 1.0, "nt:0.8": 26.46 / 55.81, "nt:0.95": 52.05 / 55.81, "nt:0.99": 68.64 / 55.81,
+                "ensemble": 18.65 / 55.81}
 
 
-def main():
-    print("export_bench.py: ONNX export and the DeepSparse / ONNX Runtime benchmark is not written yet; see the project's open issues.", file=sys.stderr)
-    return 2
+class Vote(nn.Module):
+    """x -> mean of the heads' softmax: the ensemble's class probabilities, inside the graph."""
+
+    def __init__(self, net, aggregate="probs"):
+        super().__init__()
+        self.net, self.aggregate = net, aggregate
+
+    def forward(self, x):
+        return neurotrails.soft_vote(self.net(x), self.aggregate)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building what to export
+
+
+def variant_net(variant, model, num_heads, blocks_in_head, allocation, num_classes, in_channels, seed=0):
+    """A network for a variant name: single | ensemble | treenet | nt:<sparsity>."""
+    torch.manual_seed(seed)
+    kwargs = dict(num_classes=num_classes, in_channels=in_channels)
+    if variant == "single":
+        return neurotrails.build(model, 1, None, **kwargs)
+    if variant == "ensemble":
+        return neurotrails.build(model, num_heads, None, True, **kwargs)
+    if variant == "treenet":
+        return neurotrails.build(model, num_heads, blocks_in_head, **kwargs)
+    if variant.startswith("nt:"):
+        try:
+            s = float(variant[3:])
+        except ValueError:
+            raise ValueError(f"--variants: {variant!r} is not nt:<sparsity>") from None
+        net = neurotrails.build(model, num_heads, blocks_in_head, **kwargs)
+        neurotrails.build_masks(net, s, allocation, "er", seed)
+        return net
+    raise ValueError(f"--variants: unknown variant {variant!r}; use single, ensemble, treenet or nt:<sparsity>")
+
+
+def net_from_checkpoint(path):
+    """A train_vision.py checkpoint -> (network with its weights, aggregate, input shape)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--checkpoint {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = state["config"]
+    except Exception as e:
+        raise ValueError(f"--checkpoint {path}: not a train_vision.py checkpoint ({type(e).__name__})") from None
+    classes = {"cifar100": 100, "tinyimagenet": 200, "imagenet": 1000, "fashion-mnist": 10}[cfg["dataset"]]
+    channels = 1 if cfg["dataset"] == "fashion-mnist" else 3
+    net = neurotrails.build(cfg["model"], cfg["num_heads"], cfg["blocks_in_head"], cfg["method"] == "ensemble",
+                            num_classes=classes, in_channels=channels)
+    net.load_state_dict(state["model"])
+    return net, cfg["aggregate"], input_shape(cfg["dataset"])
+
+
+def input_shape(dataset):
+    return {"cifar100": (3, 32, 32), "tinyimagenet": (3, 64, 64), "imagenet": (3, 224, 224),
+            "fashion-mnist": (1, 28, 28)}[dataset]
+
+
+# ----------------------------------------------------------------------------------------------
+# Export and its checks
+
+
+def export(net, path, shape, aggregate="probs", check_batch=4):
+    """Write one ONNX graph (probabilities out) and verify it against PyTorch with ONNX Runtime.
+
+    Returns {"max_abs_diff": float, "components": {component: (zeros in graph, zeros in model)}}.
+    """
+    net = net.eval()
+    vote = Vote(net, aggregate).eval()
+    example = torch.randn(check_batch, *shape, generator=torch.Generator().manual_seed(0))
+    # Constant folding off: initialiser names stay the parameter names, so zeros can be checked
+    # per tensor; both engines fold BatchNorm themselves when they load the graph.
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated but still the one
+        warnings.simplefilter("ignore")  # that runs with onnx < 1.15, which deepsparse 1.8 needs
+        torch.onnx.export(vote, (example,), str(path), dynamo=False, opset_version=13, do_constant_folding=False,
+                          input_names=["input"], output_names=["probs"],
+                          dynamic_axes={"input": {0: "batch"}, "probs": {0: "batch"}})
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = vote(example).numpy()
+    diff = float(np.abs(session.run(None, {"input": example.numpy()})[0] - expected).max())
+    if diff > 1e-4:
+        raise RuntimeError(f"ONNX Runtime output differs from PyTorch by {diff:.2e} (> 1e-4)")
+    return {"max_abs_diff": diff, "components": initializer_zeros(path, net)}
+
+
+def initializer_zeros(path, net):
+    """Per component: zeros in the graph's copies of the masked weights vs zeros in the model."""
+    import onnx
+    from onnx import numpy_helper
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: i for i in graph.initializer}
+    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}
+    out = {}
+    for name, w in neurotrails.masked_weights(net).items():
+        key = "net." + name
+        key = alias.get(key, key)
+        if key not in inits:
+            raise RuntimeError(f"masked weight {name} not found among the ONNX initialisers")
+        graph_zeros = int((numpy_helper.to_array(inits[key]) == 0).sum())
+        c = out.setdefault(neurotrails.component(name), [0, 0, 0])
+        c[0] += graph_zeros
+        c[1] += int((w == 0).sum())
+        c[2] += w.numel()
+    for comp, (g, m, n) in out.items():
+        if g != m:
+            raise RuntimeError(f"{comp}: {g} zeros in the ONNX weights but {m} in the model")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Engines and the interleaved benchmark
+
+
+def deepsparse_or_none():
+    """The deepsparse module, or None with the reason printed once."""
+    os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")  # it phones home on import otherwise
+    try:
+        import deepsparse
+        return deepsparse
+    except Exception as e:  # ImportError on Python >= 3.12, or an unsupported CPU
+        print(f"DeepSparse unavailable ({type(e).__name__}: {str(e)[:100]}); running ONNX Runtime only",
+              file=sys.stderr)
+        return None
+
+
+def make_runner(engine, path, batch_size, threads):
+    """A callable that runs one batch through `path` on `engine`."""
+    if engine == "onnxruntime":
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return lambda x: session.run(None, {"input": x})
+    if engine == "deepsparse":
+        import deepsparse
+        model = deepsparse.compile_model(str(path), batch_size=batch_size, num_cores=threads or None)
+        return lambda x: model.run([x])
+    raise ValueError(f"--engines: unknown engine {engine!r}; use deepsparse and/or onnxruntime")
+
+
+def bench(variants, engines, model, num_heads, blocks_in_head, allocation, batch_size, threads, rounds,
+          warmup=2, num_classes=100, shape=(3, 32, 32)):
+    """Throughput and latency per (engine, variant); variants interleaved round by round."""
+    if "deepsparse" in engines and deepsparse_or_none() is None:
+        engines = [e for e in engines if e != "deepsparse"]
+    if "single" not in variants:
+        variants = ["single", *variants]
+    x = np.random.default_rng(0).standard_normal((batch_size, *shape), dtype=np.float32)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        flops, runners = {}, {}
+        for v in tqdm(variants, desc="export", disable=not sys.stderr.isatty()):
+            net = variant_net(v, model, num_heads, blocks_in_head, allocation, num_classes, shape[0])
+            export(net, Path(tmp) / f"{v}.onnx", shape)
+            flops[v] = evaluate.inference_flops(net, torch.from_numpy(x[:1]))["sparse"]
+        for engine in engines:
+            for v in tqdm(variants, desc=f"compile {engine}", disable=not sys.stderr.isatty()):
+                runners[engine, v] = make_runner(engine, Path(tmp) / f"{v}.onnx", batch_size, threads)
+            times = {v: [] for v in variants}
+            for r in tqdm(range(warmup + rounds), desc=f"rounds {engine}", disable=not sys.stderr.isatty()):
+                for v in variants:  # A B C A B C ...: drift of a shared machine hits all alike
+                    start = time.perf_counter()
+                    runners[engine, v](x)
+                    if r >= warmup:
+                        times[v].append(time.perf_counter() - start)
+            for v in variants:
+                t = times[v]
+                results[engine, v] = {"items_per_s": batch_size / statistics.median(t),
+                                      "latency_ms": 1000 * statistics.mean(t),
+                                      "latency_std_ms": 1000 * statistics.stdev(t) if len(t) > 1 else 0.0}
+            for v in variants:
+                res = results[engine, v]
+                res["ratio"] = res["items_per_s"] / results[engine, "single"]["items_per_s"]
+                res["flop_ratio"] = flops[v] / flops["single"]
+                # efficiency 1.0: every FLOP saved (or added) shows up one-for-one in throughput
+                res["efficiency"] = res["ratio"] * res["flop_ratio"]
+    return results
+
+
+def print_results(results, batch_size, threads, paper=None):
+    print(f"\nbatch {batch_size}, threads {threads or 'all'}; medians over rounds, ratio = throughput / single "
+          "dense on the same engine; FLOP ratio = inference FLOPs / single dense; efficiency = ratio x FLOP ratio")
+    head = f"{'engine':<12} {'variant':<9} {'items/s':>9} {'ms/batch':>16} {'ratio':>6} {'FLOP ratio':>10} {'effic.':>6}"
+    print(head + (f" {'paper ratio':>11}" if paper else ""))
+    for (engine, v), r in results.items():
+        line = (f"{engine:<12} {v:<9} {r['items_per_s']:>9.1f} {r['latency_ms']:>9.1f} ± {r['latency_std_ms']:>4.1f} "
+                f"{r['ratio']:>6.2f} {r['flop_ratio']:>10.3f} {r['efficiency']:>6.2f}")
+        print(line + (f" {paper[v]:>11.2f}" if paper and v in paper else ""))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv=None):
+    ap = Parser(description="Export NeuroTrails to ONNX and benchmark CPU inference (paper Sec. 5.4, Table 7).")
+    sub = ap.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="write one ONNX graph (soft vote inside) and check it")
+    ex.add_argument("--checkpoint", help="a train_vision.py checkpoint (else build from --model ...)")
+    ex.add_argument("--out", default="model.onnx", help="output ONNX file")
+    for p in (ex, sub.add_parser("bench", help="throughput / latency of several variants, interleaved"),
+              sub.add_parser("table7", help="the paper's Table 7 set on WRN-28-10, beside its ratios")):
+        p.add_argument("--model", default="wrn28-10", help="base network (vision): " + ", ".join(models.model_names()[:3]))
+        p.add_argument("--num-heads", type=int, default=3, help="M")
+        p.add_argument("--blocks-in-head", type=int, default=None, help="|F_h| (default: the paper's, 8 for WRN-28-10)")
+        p.add_argument("--allocation", default="global", choices=["global", "per-component"],
+                       help="ER solve over all tensors (released code) or per backbone / head")
+        p.add_argument("--num-classes", type=int, default=100, help="classes (CIFAR-100: 100)")
+        p.add_argument("--image-size", type=int, default=32, help="input height = width")
+        if p.prog.endswith("export"):
+            p.add_argument("--sparsity", type=float, default=0.0, help="S of a fresh model (0: dense)")
+            p.add_argument("--full-ensemble", action="store_true", help="M independent full models")
+        else:
+            p.add_argument("--batch-size", type=int, default=64, help="items per batch (1 for latency)")
+            p.add_argument("--threads", type=int, default=0, help="CPU threads / cores (0: all)")
+            p.add_argument("--rounds", type=int, default=10, help="timed rounds per variant, after 2 warm-up")
+            p.add_argument("--engines", default="deepsparse,onnxruntime",
+                           help="comma-separated: deepsparse, onnxruntime")
+    sub.choices["bench"].add_argument("--variants", nargs="+", default=["single", "ensemble", "nt:0.8", "nt:0.95"],
+                                      help="single, ensemble, treenet, nt:<sparsity> (single is always included)")
+    return ap, ap.parse_args(argv)
+
+
+def main(argv=None):
+    ap, args = parse_args(argv)
+    try:
+        if args.command == "export":
+            if args.checkpoint:
+                net, aggregate, shape = net_from_checkpoint(args.checkpoint)
+            else:
+                net = variant_net("ensemble" if args.full_ensemble else f"nt:{args.sparsity}" if args.sparsity
+                                  else "treenet" if args.num_heads > 1 else "single", args.model, args.num_heads,
+                                  args.blocks_in_head, args.allocation, args.num_classes, 3)
+                aggregate, shape = "probs", (3, args.image_size, args.image_size)
+            report = export(net, Path(args.out), shape, aggregate)
+            print(f"wrote {args.out}; ONNX Runtime vs PyTorch max abs diff {report['max_abs_diff']:.2e}")
+            for comp, (g, m, n) in report["components"].items():
+                print(f"  {comp:<9} masked weights {n:>12,}  zeros in graph {g:>12,} = model {m:>12,}  "
+                      f"density {1 - g / n:.4f}")
+            return
+        engines = args.engines.split(",")
+        for e in engines:
+            if e not in ("deepsparse", "onnxruntime"):
+                raise ValueError(f"--engines: unknown engine {e!r}; use deepsparse and/or onnxruntime")
+        variants = (["single", "ensemble", "nt:0.8", "nt:0.95", "nt:0.99"] if args.command == "table7"
+                    else args.variants)
+        results = bench(variants, engines, args.model, args.num_heads, args.blocks_in_head, args.allocation,
+                        args.batch_size, args.threads, args.rounds, num_classes=args.num_classes,
+                        shape=(3, args.image_size, args.image_size))
+        print_results(results, args.batch_size, args.threads, PAPER_TABLE7 if args.command == "table7" else None)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

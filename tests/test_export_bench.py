@@ -1,0 +1,100 @@
+"""export_bench.py: the ONNX graph equals the PyTorch soft vote, keeps every zero, runs on
+DeepSparse; bad input gets one clear line."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+import export_bench
+import neurotrails
+
+SHAPE = (3, 16, 16)
+
+
+def tiny(variant):
+    return export_bench.variant_net(variant, "wrn10-1", 3, 2, "global", 10, 3, seed=1)
+
+
+@pytest.mark.parametrize("variant", ["single", "ensemble", "treenet", "nt:0.8"])
+def test_onnx_output_is_the_pytorch_soft_vote(variant, tmp_path):
+    net = tiny(variant)
+    report = export_bench.export(net, tmp_path / "m.onnx", SHAPE)
+    assert report["max_abs_diff"] <= 1e-4
+    x = torch.randn(7, *SHAPE)  # another batch size than the export's: the batch axis is dynamic
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        expected = neurotrails.soft_vote(net.eval()(x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)  # probabilities, not logits
+    num_heads = 1 if variant == "single" else 3
+    assert net(x).shape[0] == num_heads
+
+
+def test_zeros_are_preserved_in_the_initialisers(tmp_path):
+    net = tiny("nt:0.9")
+    report = export_bench.export(net, tmp_path / "m.onnx", SHAPE)
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for name, w in neurotrails.masked_weights(net).items():
+        assert np.array_equal(inits["net." + name] == 0, (w == 0).numpy()), name
+    masked = sum(w.numel() for w in neurotrails.masked_weights(net).values())
+    zeros = sum(g for g, _, _ in report["components"].values())
+    assert 0.85 < zeros / masked < 0.95  # S = 0.9 overall, within one weight per tensor
+    assert set(report["components"]) == {"backbone", "head0", "head1", "head2"}
+
+
+def test_backbone_is_computed_once_in_the_graph(tmp_path):
+    net = tiny("nt:0.5")
+    export_bench.export(net, tmp_path / "m.onnx", SHAPE)
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    stem_users = [n for n in graph.node if "net.backbone.stem.weight" in n.input]
+    assert len(stem_users) == 1
+    convs = sum(n.op_type == "Conv" for n in graph.node)
+    expected = sum(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+    assert convs == expected
+
+
+def test_export_from_a_checkpoint_and_bad_input(tmp_path, capsys):
+    net = tiny("nt:0.8")
+    cfg = {"dataset": "fashion-mnist", "model": "wrn10-1", "num_heads": 3, "blocks_in_head": 2,
+           "method": "neurotrails", "aggregate": "probs"}
+    net = export_bench.variant_net("nt:0.8", "wrn10-1", 3, 2, "global", 10, 1, seed=2)
+    torch.save({"config": cfg, "model": net.state_dict()}, tmp_path / "last.pt")
+    export_bench.main(["export", "--checkpoint", str(tmp_path / "last.pt"), "--out", str(tmp_path / "c.onnx")])
+    out = capsys.readouterr().out
+    assert "max abs diff" in out and "head2" in out
+    for argv, match in [(["export", "--checkpoint", str(tmp_path / "none.pt")], "no such file"),
+                        (["bench", "--engines", "tensorrt"], "unknown engine 'tensorrt'"),
+                        (["bench", "--variants", "nt:abc"], "is not nt:<sparsity>"),
+                        (["bench", "--variants", "moe"], "unknown variant 'moe'")]:
+        with pytest.raises(SystemExit) as e:
+            export_bench.main(argv + (["--model", "wrn10-1", "--rounds", "1"] if argv[0] == "bench" else []))
+        assert e.value.code == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0], err
+
+
+def test_bench_runs_interleaved_on_both_engines_and_reports_ratios():
+    pytest.importorskip("deepsparse", reason="deepsparse runs on x86-64 with Python <= 3.11 only")
+    results = export_bench.bench(["nt:0.9", "ensemble"], ["deepsparse", "onnxruntime"], "wrn10-1", 3, 2, "global",
+                                 batch_size=4, threads=1, rounds=3, num_classes=10, shape=SHAPE)
+    assert set(results) == {(e, v) for e in ("deepsparse", "onnxruntime") for v in ("single", "nt:0.9", "ensemble")}
+    for (engine, v), r in results.items():
+        assert r["items_per_s"] > 0 and r["latency_ms"] > 0
+        if v == "single":
+            assert r["ratio"] == 1.0 and r["flop_ratio"] == 1.0
+    assert results["deepsparse", "ensemble"]["flop_ratio"] == pytest.approx(3.0)
+    assert results["deepsparse", "nt:0.9"]["flop_ratio"] < 1.0
+
+
+def test_deepsparse_output_matches_onnxruntime(tmp_path):
+    pytest.importorskip("deepsparse", reason="deepsparse runs on x86-64 with Python <= 3.11 only")
+    net = tiny("nt:0.9")
+    export_bench.export(net, tmp_path / "m.onnx", SHAPE)
+    x = np.random.default_rng(0).standard_normal((4, *SHAPE), dtype=np.float32)
+    ds = export_bench.make_runner("deepsparse", tmp_path / "m.onnx", 4, 1)(x)[0]
+    ref = export_bench.make_runner("onnxruntime", tmp_path / "m.onnx", 4, 1)(x)[0]
+    np.testing.assert_allclose(ds, ref, rtol=0, atol=1e-4)
