@@ -179,3 +179,21 @@ def test_evaluate_checkpoint_reproduces_the_logged_metrics_and_plots(data_dir, t
     bad = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(tmp_path / "nope.pt")],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert bad.returncode == 1 and "no such checkpoint" in bad.stderr
+
+
+def test_image_folder_datasets_train_through_the_dataloader(tmp_path):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for cls in ("n01", "n02"):
+            folder = tmp_path / "tiny" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.randint(0, 256, (64, 64, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    train_vision.main(["--dataset", "tinyimagenet", "--data-dir", str(tmp_path / "tiny"), "--model", "wrn10-1",
+                       "--num-heads", "2", "--batch-size", "4", "--epochs", "2", "--out", str(out)])
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["step"] == 2 * (16 // 4)
+    assert load(out / "last.pt")["config"]["blocks_in_head"] == 2
