@@ -4,6 +4,7 @@ Paper map (arXiv 2505.17909):
   App. F    accuracy, NLL, ECE with 15 bins (Guo 2017)           -> accuracy(), nll(), ece()
   Sec. 5.2  prediction disagreement between heads               -> disagreement()
   App. F    inference FLOPs: active weights x output positions   -> inference_flops()
+  App. F    training FLOPs (RigL App. H), `evaluate.py flops`     -> train_flops_per_example(), flops_report()
   Sec. 5.2  disagreement / accuracy over training (Fig. 4)      -> plot_history()
             reliability diagram                                 -> plot_reliability()
 
@@ -23,6 +24,7 @@ import sys
 import torch
 import torch.nn as nn
 
+import models
 import neurotrails
 
 # ----------------------------------------------------------------------------------------------
@@ -94,19 +96,24 @@ def predict(net, batches):
 
 
 @torch.no_grad()
-def inference_flops(net, example):
+def inference_flops(net, example, active=None):
     """Dense and sparse forward FLOPs for one input of `example`'s shape (batch of 1 counted).
 
     Per conv / linear: FLOPs = 2 x (weights used) x (output positions); sparse counts only the
+    active weights: `active` {parameter name: count} if given (works on the meta device), else the
     nonzero weights. The backbone runs once per forward, so it is counted once. Biases, norms,
-    activations and pooling are left out, as in RigL's accounting.
+    activations, pooling and attention's weight-free matmuls are left out, as in RigL's accounting.
     """
     counts = {"dense": 0, "sparse": 0}
+    names = {m: n for n, m in net.named_modules()}
 
     def hook(module, inputs, output):
         positions = output[0].numel() // module.weight.shape[0]  # output elements per out-channel
+        name = f"{names[module]}.weight"
+        used = active[name] if active is not None and name in active else (
+            module.weight.numel() if active is not None else int(torch.count_nonzero(module.weight)))
         counts["dense"] += 2 * module.weight.numel() * positions
-        counts["sparse"] += 2 * int(torch.count_nonzero(module.weight)) * positions
+        counts["sparse"] += 2 * used * positions
 
     handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     was_training = net.training
@@ -118,6 +125,47 @@ def inference_flops(net, example):
         for h in handles:
             h.remove()
     return counts
+
+
+def train_flops_per_example(f_sparse, f_dense, delta_t):
+    """Training FLOPs per example and step (App. F; RigL App. H): forward f_S, backward 2 f_S; a
+    RigL update step every delta_t steps also needs the dense weight gradient (f_D instead of one
+    f_S): (3 f_S delta_t + 2 f_S + f_D) / (delta_t + 1). delta_t = 0: no updates, 3 f_S."""
+    if not delta_t:
+        return 3 * f_sparse
+    return (3 * f_sparse * delta_t + 2 * f_sparse + f_dense) / (delta_t + 1)
+
+
+def flops_report(model, num_heads, blocks_in_head, sparsity_, allocation="global", init="er", full_ensemble=False,
+                 num_classes=100, image_size=32, seq_len=256, epochs=1, single_epochs=1, train_examples=1,
+                 delta_t=0):
+    """Inference and training FLOPs and parameters of a configuration, absolute and vs single dense.
+
+    Built on the meta device from the allocated densities: instant for any model size.
+    """
+    lm = models.is_language_model(model)
+    kwargs = {} if lm else {"num_classes": num_classes}
+    with torch.device("meta"):
+        net = neurotrails.build(model, num_heads, blocks_in_head, full_ensemble, **kwargs)
+        single = neurotrails.build(model, 1, None, **kwargs)
+        example = (torch.zeros(1, seq_len, dtype=torch.long) if lm else torch.zeros(1, 3, image_size, image_size))
+        dens = neurotrails.densities(net, sparsity_, allocation, init)
+        weights = neurotrails.masked_weights(net)
+        active = {n: round(dens[n] * w.numel()) for n, w in weights.items()}
+        f = inference_flops(net, example, active)
+        f_single = inference_flops(single, example, {})["dense"]
+    params = sum(p.numel() for p in net.parameters())
+    active_params = params - sum(w.numel() - active[n] for n, w in weights.items())
+    single_params = sum(p.numel() for p in single.parameters())
+    per_example = train_flops_per_example(f["sparse"], f["dense"], delta_t if sparsity_ > 0 else 0)
+    train_run = per_example * train_examples * epochs
+    single_run = 3 * f_single * train_examples * single_epochs
+    return {"infer_flops_dense": f["dense"], "infer_flops_sparse": f["sparse"],
+            "infer_flops_vs_single": f["sparse"] / f_single,
+            "train_flops_per_example_step": per_example, "train_flops_run": train_run,
+            "train_flops_vs_single_run": train_run / single_run, "single_train_flops_run": single_run,
+            "params": params, "active_params": active_params, "params_vs_single": params / single_params,
+            "active_params_vs_single": active_params / single_params}
 
 
 def parameter_counts(net):
@@ -182,7 +230,43 @@ def plot_history(jsonl_path, path):
 # Command line
 
 
+def flops_main(argv):
+    ap = argparse.ArgumentParser(prog="evaluate.py flops", description="Inference and training FLOPs and "
+                                 "parameters of a configuration, and their ratios to the single dense model "
+                                 "(App. F; RigL App. H). Nothing is trained or allocated.")
+    ap.add_argument("--model", default="wrn28-10", help="base network: " + ", ".join(models.model_names()))
+    ap.add_argument("--num-heads", type=int, default=3, help="M (1: single model)")
+    ap.add_argument("--blocks-in-head", type=int, default=None, help="|F_h| (default: the paper's value)")
+    ap.add_argument("--sparsity", type=float, default=0.0, help="S in [0, 1)")
+    ap.add_argument("--allocation", default="global", choices=["global", "per-component"], help="ER solve scope")
+    ap.add_argument("--init", default="er", choices=["er", "uniform"], help="layerwise density rule")
+    ap.add_argument("--full-ensemble", action="store_true", help="M independent full models")
+    ap.add_argument("--num-classes", type=int, default=100, help="classes of a vision model")
+    ap.add_argument("--image-size", type=int, default=32, help="input height = width (ImageNet: 224)")
+    ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence of a LLaMA model")
+    ap.add_argument("--epochs", type=float, default=1, help="epochs (or update steps x batch / examples) of this run")
+    ap.add_argument("--single-epochs", type=float, default=1, help="epochs of the single dense reference run")
+    ap.add_argument("--train-examples", type=int, default=1, help="examples per epoch (CIFAR-100: 50000)")
+    ap.add_argument("--delta-t", type=int, default=100, help="steps between RigL updates (0: static)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+    try:
+        report = flops_report(args.model, args.num_heads, args.blocks_in_head, args.sparsity, args.allocation,
+                              args.init, args.full_ensemble, args.num_classes, args.image_size, args.seq_len,
+                              args.epochs, args.single_epochs, args.train_examples, args.delta_t)
+    except ValueError as e:
+        print(f"evaluate.py flops: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for k, v in report.items():
+            print(f"{k:<30} {v:.4g}" if isinstance(v, float) else f"{k:<30} {v:,}")
+
+
 def main():
+    if sys.argv[1:2] == ["flops"]:
+        return flops_main(sys.argv[2:])
     ap = argparse.ArgumentParser(description="Evaluate a saved train_vision.py checkpoint on its test set "
                                  "(accuracy, NLL, ECE, disagreement, per-head accuracy, FLOPs), or plot a log.")
     ap.add_argument("--checkpoint", help="a checkpoint written by train_vision.py")

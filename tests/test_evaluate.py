@@ -85,3 +85,32 @@ def test_sparse_flops_count_only_active_weights():
     counts = evaluate.parameter_counts(net)
     masked = sum(p.numel() for p in neurotrails.masked_weights(net).values())
     assert counts["params"] - counts["active_params"] == pytest.approx(0.5 * masked, abs=len(neurotrails.masked_weights(net)))
+
+
+def test_training_flops_follow_rigl_appendix_h():
+    assert evaluate.train_flops_per_example(2.0, 10.0, 0) == 6.0
+    # (3 f_S dt + 2 f_S + f_D) / (dt + 1) with f_S = 2, f_D = 10, dt = 4: (24 + 4 + 10) / 5
+    assert evaluate.train_flops_per_example(2.0, 10.0, 4) == pytest.approx(38 / 5)
+
+
+def test_flops_report_on_the_meta_device_matches_real_masks():
+    kw = dict(model="wrn10-2", num_heads=3, blocks_in_head=2, sparsity_=0.8, num_classes=10, image_size=16)
+    report = evaluate.flops_report(**kw, epochs=3, single_epochs=2, train_examples=100, delta_t=0)
+    torch.manual_seed(0)
+    net = neurotrails.build("wrn10-2", 3, 2, num_classes=10)
+    neurotrails.build_masks(net, 0.8)
+    real = evaluate.inference_flops(net, torch.randn(1, 3, 16, 16))
+    assert report["infer_flops_sparse"] == real["sparse"] and report["infer_flops_dense"] == real["dense"]
+    torch.manual_seed(0)
+    single = evaluate.inference_flops(neurotrails.build("wrn10-2", 1, 2, num_classes=10), torch.randn(1, 3, 16, 16))
+    assert report["infer_flops_vs_single"] == pytest.approx(real["sparse"] / single["dense"])
+    assert report["train_flops_vs_single_run"] == pytest.approx(3 * 3 * real["sparse"] / (3 * 2 * single["dense"]))
+    counts = evaluate.parameter_counts(net)
+    assert report["params"] == counts["params"]
+    assert abs(report["active_params"] - counts["active_params"]) <= len(neurotrails.masked_weights(net))
+
+
+def test_treenet_parameter_ratio_is_the_papers_2_91_and_its_flop_ratio_is_not():
+    r = evaluate.flops_report("wrn28-10", 3, 8, 0.0)
+    assert round(r["params_vs_single"], 2) == 2.91
+    assert round(r["infer_flops_vs_single"], 2) == 2.36
