@@ -254,11 +254,13 @@ class Masks:
         return self.delta_t > 0 and step % self.delta_t == 0 and 0 < step < self.t_end
 
     @torch.no_grad()
-    def update(self, step, optimizer=None):
+    def update(self, step, optimizer=None, sync=None):
         """One topology update: per layer prune k = ceil(p(t) * active), then grow the same k.
 
         Uses each weight's current .grad (the dense, accumulated gradient) for RigL. Returns the
-        number of weights moved per layer. Active counts are unchanged, exactly.
+        number of weights moved per layer. Active counts are unchanged, exactly. sync: optional
+        function applied to each new mask before it takes effect (multi-process training passes a
+        broadcast from rank 0, so every process applies the same topology).
         """
         p = drop_fraction(step, self.p0, self.t_end)
         moved = {}
@@ -279,6 +281,8 @@ class Masks:
                 new = grow_rigl(weight.grad, kept, k)
             else:
                 new = grow_random(kept, k, gen)
+            if sync is not None:
+                new = sync(new)
             # Pruned weights go to 0; new connections start at 0 with zero optimizer state; a
             # weight pruned and regrown in the same update keeps its value (as in RigL).
             keep = old & new

@@ -37,7 +37,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import evaluate
@@ -70,7 +73,7 @@ EPOCHS = {
 }
 METHODS = ("neurotrails", "single", "treenet", "ensemble", "static", "pruning")
 # Config keys that may differ between a checkpoint and the run resuming it.
-RESUMABLE_CHANGES = {"data_dir", "out", "device", "workers", "bf16", "channels_last"}
+RESUMABLE_CHANGES = {"data_dir", "out", "device", "workers", "bf16", "channels_last", "world_size"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,11 +144,17 @@ def epoch_order(n, seed, epoch, member):
     return torch.randperm(n, generator=g), g
 
 
-def train_batches(data, batch_size, seed, epoch, member, dataset, device, workers=0):
-    """Yield augmented, normalised (x, y) batches for one epoch (last partial batch dropped)."""
+def train_batches(data, batch_size, seed, epoch, member, dataset, device, workers=0, rank=0, world=1):
+    """Yield augmented, normalised (x, y) batches for one epoch (last partial batch dropped).
+
+    batch_size is the global batch; with `world` processes, process `rank` gets every world-th
+    item of each global batch, so the data a step sees does not depend on the number of processes.
+    """
     if not isinstance(data, dict):  # ImageFolder
         order, g = epoch_order(len(data), seed, epoch, member)
-        loader = torch.utils.data.DataLoader(data, batch_size, sampler=order.tolist(), num_workers=workers,
+        steps = len(order) // batch_size
+        mine = order[:steps * batch_size].view(steps, batch_size)[:, rank::world].reshape(-1)
+        loader = torch.utils.data.DataLoader(data, batch_size // world, sampler=mine.tolist(), num_workers=workers,
                                              drop_last=True, generator=g, pin_memory=device != "cpu")
         for x, y in loader:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -153,8 +162,8 @@ def train_batches(data, batch_size, seed, epoch, member, dataset, device, worker
     order, g = epoch_order(len(data["y"]), seed, epoch, member)
     for i in range(len(order) // batch_size):
         idx = order[i * batch_size:(i + 1) * batch_size]
-        x = augment(data["x"][idx], g)
-        yield normalize(x.to(device), dataset), data["y"][idx].to(device)
+        x = augment(data["x"][idx], g)[rank::world]  # the whole batch is drawn: same RNG stream everywhere
+        yield normalize(x.to(device), dataset), data["y"][idx][rank::world].to(device)
 
 
 def augment(x, g, pad=4):
@@ -222,6 +231,7 @@ def resolve_config(args):
         cfg["blocks_in_head"] = neurotrails.default_blocks_in_head(cfg["model"], num_blocks)
     neurotrails.validate(cfg["model"], cfg["num_heads"], cfg["blocks_in_head"], num_blocks, cfg["sparsity"],
                          method == "ensemble")
+    cfg["world_size"] = dist.get_world_size() if dist.is_initialized() else 1
     cfg["out"] = args.out or (f"runs/{args.dataset}-{cfg['model']}-{method}-M{cfg['num_heads']}"
                               f"-S{cfg['sparsity']}-seed{args.seed}")
     validate(cfg)
@@ -232,6 +242,8 @@ def validate(cfg):
     """One clear ValueError per bad value, naming the flag."""
     if cfg["batch_size"] < 1:
         raise ValueError(f"--batch-size must be >= 1, got {cfg['batch_size']}")
+    if cfg["batch_size"] % cfg["world_size"]:
+        raise ValueError(f"--batch-size {cfg['batch_size']} must be divisible by the {cfg['world_size']} processes")
     if cfg["epochs"] < 1:
         raise ValueError(f"--epochs must be >= 1, got {cfg['epochs']}")
     if not 0.0 <= cfg["sparsity"] < 1.0:
@@ -322,10 +334,38 @@ def restore(state, net, opt, cfg):
 # The training loop
 
 
+class Members(nn.Module):
+    """Full-ensemble forward: member i on its own batch xs[i]; one module, so DDP can wrap it."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.heads = net.heads
+
+    def forward(self, xs):
+        return torch.stack([head(x) for head, x in zip(self.heads, xs)])
+
+
+def broadcast_mask(mask):
+    """Rank 0's mask on every process (gloo has no bool broadcast: go through uint8)."""
+    t = mask.to(torch.uint8)
+    dist.broadcast(t, 0)
+    return t.bool()
+
+
 def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0):
-    """Train from start_epoch to cfg['epochs']; evaluate, log and checkpoint after every epoch."""
+    """Train from start_epoch to cfg['epochs']; evaluate, log and checkpoint after every epoch.
+
+    Under torchrun: DistributedDataParallel averages the gradients (so RigL scores the all-reduced
+    gradient), every topology update takes rank 0's masks, and only rank 0 evaluates, logs and saves.
+    """
     out = Path(cfg["out"])
     device, members = cfg["device"], cfg["num_heads"] if cfg["method"] == "ensemble" else 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    forward = Members(net) if cfg["method"] == "ensemble" else net
+    if world > 1:
+        forward = DistributedDataParallel(forward, device_ids=[torch.cuda.current_device()]
+                                          if device.startswith("cuda") else None)
+    sync = broadcast_mask if world > 1 else None
     steps_per_epoch = num_train(train_data) // cfg["batch_size"]
     prune_step = cfg["epochs"] * steps_per_epoch // 2  # pruning baseline: half-way
     autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=cfg["bf16"])
@@ -337,19 +377,20 @@ def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0):
         net.train()
         start, loss_sum = time.perf_counter(), torch.zeros((), device=device)
         streams = [train_batches(train_data, cfg["batch_size"], cfg["seed"], epoch, i, cfg["dataset"], device,
-                                 cfg["workers"]) for i in range(members)]
+                                 cfg["workers"], rank, world) for i in range(members)]
         for batches in tqdm(zip(*streams), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
-                            leave=False, disable=not sys.stderr.isatty()):
+                            leave=False, disable=rank != 0 or not sys.stderr.isatty()):
             step += 1
             if cfg["channels_last"]:
                 batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
             with autocast:
                 if cfg["method"] == "ensemble":  # independent members, each on its own batch
-                    loss = sum(F.cross_entropy(head(x), y) for head, (x, y) in zip(net.heads, batches))
+                    logits = forward(torch.stack([x for x, _ in batches]))
+                    loss = sum(F.cross_entropy(z, y) for z, (_, y) in zip(logits, batches))
                 else:
                     x, y = batches[0]
                     # Sec. 3: L = 1/M sum_i L_i(F_h^i(F_s(x)), y)
-                    loss = neurotrails.ensemble_loss(net(x), y)
+                    loss = neurotrails.ensemble_loss(forward(x), y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}; "
                                          f"the last good checkpoint is {out / 'last.pt'}")
@@ -359,11 +400,14 @@ def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0):
             if masks is not None:
                 masks.apply_(opt)
                 if masks.is_update_step(step):
-                    masks.update(step, opt)
-            if cfg["method"] == "pruning" and step == prune_step:
+                    masks.update(step, opt, sync)
+            if cfg["method"] == "pruning" and step == prune_step:  # weights are equal on all ranks
                 masks = prune_to_fixed_topology(net, cfg)
             loss_sum += loss.detach()
         train_time = time.perf_counter() - start
+        if rank != 0:  # only rank 0 evaluates, logs and saves; the others wait for it
+            dist.barrier()
+            continue
         logits, labels = evaluate.predict(net, test_batches(test_data, 256, cfg["dataset"], device, cfg["workers"]))
         record = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": loss_sum.item() / steps_per_epoch,
                   **evaluate.summarize(logits, labels, cfg["aggregate"]),
@@ -378,6 +422,8 @@ def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0):
             "config": cfg, "epoch": epoch + 1, "step": step, "model": net.state_dict(),
             "optimizer": opt.state_dict(), "masks": masks.state_dict() if masks is not None else None,
             "rng": torch.get_rng_state()})
+        if world > 1:
+            dist.barrier()
     return record
 
 
@@ -403,18 +449,24 @@ def run(cfg, resume=None):
         raise ValueError(f"--batch-size {cfg['batch_size']} is larger than the training set ({num_train(train_data)})")
     state = load_checkpoint(resume, cfg) if resume else None
     net, masks, opt = build_run(cfg, steps_per_epoch)
-    out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
+    out, rank = Path(cfg["out"]), dist.get_rank() if dist.is_initialized() else 0
     start_epoch, step = 0, 0
     if state is not None:
         masks = restore(state, net, opt, cfg)
         start_epoch, step = state["epoch"], state["step"]
-        _truncate_log(out / "log.jsonl", start_epoch)
-    else:
-        (out / "log.jsonl").unlink(missing_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    print("config " + json.dumps(cfg), flush=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if state is not None:
+            _truncate_log(out / "log.jsonl", start_epoch)
+        else:
+            (out / "log.jsonl").unlink(missing_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg, indent=1))
+        print("config " + json.dumps(cfg), flush=True)
+    if dist.is_initialized():
+        dist.barrier()
     record = train(cfg, net, masks, opt, train_data, test_data, start_epoch, step)
+    if rank != 0:
+        return None
     if record is None:  # resumed a finished run
         record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     example = next(test_batches(test_data, 1, cfg["dataset"], cfg["device"]))[0]
@@ -511,8 +563,18 @@ def parse_args(argv=None):
     return ap, ap.parse_args(argv)
 
 
+def init_distributed():
+    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on GPUs, gloo on CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def main(argv=None):
     ap, args = parse_args(argv)
+    init_distributed()
+    rank = dist.get_rank() if dist.is_initialized() else 0
     try:
         if args.compare:
             methods = args.compare.split(",")
@@ -525,10 +587,12 @@ def main(argv=None):
                                                            else f"{args.out}/{m}"}))
                 print(f"\n== {m}", flush=True)
                 rows[m] = run(cfg)
-            print_table(rows)
+            if rank == 0:
+                print_table(rows)
         else:
             record = run(resolve_config(args), args.resume)
-            print_table({args.method: record})
+            if rank == 0:
+                print_table({args.method: record})
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"{ap.prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
