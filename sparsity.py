@@ -126,16 +126,14 @@ def topk_mask(scores, k):
     Ties at the threshold go to the lowest flat indices, so the result is deterministic.
     """
     flat = scores.reshape(-1)
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if k >= flat.numel():
-        return mask.fill_(True).view_as(scores)
-    if k > 0:
-        thr = _kth_largest(flat, k)
-        torch.ge(flat, thr, out=mask)
-        if int(torch.count_nonzero(mask)) > k:  # ties at thr: keep the lowest indices among them
-            torch.gt(flat, thr, out=mask)
-            need = k - int(torch.count_nonzero(mask))
-            mask[(flat == thr).nonzero().squeeze(1)[:need]] = True
+    if k <= 0 or k >= flat.numel():
+        return torch.full_like(scores, k > 0, dtype=torch.bool)
+    thr = _kth_largest(flat, k)
+    mask = flat >= thr
+    if int(torch.count_nonzero(mask)) > k:  # ties at thr: keep the lowest indices among them
+        torch.gt(flat, thr, out=mask)
+        need = k - int(torch.count_nonzero(mask))
+        mask[(flat == thr).nonzero().squeeze(1)[:need]] = True
     return mask.view_as(scores)
 
 
@@ -184,25 +182,29 @@ def prune_magnitude(weight, mask, k):
     return topk_mask(scores, active_count(mask) - k)
 
 
-def prune_soft_magnitude(weight, mask, k, temperature, generator=None):
+def prune_soft_magnitude(weight, mask, k, temperature, generator=None, scratch=None):
     """Soft-magnitude pruning (Zhang et al. 2025): drop k active weights at random.
 
     The n = active - k survivors are a sample WITHOUT replacement with P(i) proportional to
     |w_i|^T. Gumbel-top-k makes that exact: the n largest keys T*log|w_i| + G_i with
     G_i = -log(E_i), E_i ~ Exp(1), are such a sample (Kool et al. 2019). Runs on the weight's
     device. Exactly-zero weights get the smallest finite log, so they go first but in random order.
+    scratch: optional two float32 buffers of the weight's shape, reused instead of allocated.
     """
     tiny = torch.finfo(torch.float32).tiny
-    u = torch.rand(weight.shape, generator=generator, device=weight.device).clamp_(min=tiny)
+    keys, u = scratch or (torch.empty_like(weight, dtype=torch.float32) for _ in range(2))
+    torch.rand(weight.shape, generator=generator, device=weight.device, out=u).clamp_(min=tiny)
     # E = -log U ~ Exp(1);  key = T * log|w| - log E
-    keys = weight.detach().float().abs().clamp_(min=tiny).log_().mul_(temperature)
+    keys.copy_(weight.detach()).abs_().clamp_(min=tiny).log_().mul_(temperature)
     keys.sub_(u.log_().neg_().log_()).masked_fill_(~mask, float("-inf"))
     return topk_mask(keys, active_count(mask) - k)
 
 
-def grow_rigl(grad, mask, k):
-    """RigL growth (Evci 2020): activate the k inactive positions with the largest |grad|."""
-    scores = grad.detach().float().abs().masked_fill_(mask, float("-inf"))
+def grow_rigl(grad, mask, k, scratch=None):
+    """RigL growth (Evci 2020): activate the k inactive positions with the largest |grad|.
+    scratch: optional float32 buffer of the gradient's shape, reused instead of allocated."""
+    scores = torch.empty_like(grad, dtype=torch.float32) if scratch is None else scratch
+    scores.copy_(grad.detach()).abs_().masked_fill_(mask, float("-inf"))
     return mask | topk_mask(scores, k)
 
 
@@ -240,6 +242,7 @@ class Masks:
         self.p0, self.delta_t, self.t_end = p0, delta_t, t_end  # delta_t: steps between updates
         self.generator = torch.Generator().manual_seed(seed)
         self.num_updates = 0
+        self._buffers = {}  # device -> float32 scratch for update(), see _scratch()
 
     @torch.no_grad()
     def apply_(self, optimizer=None):
@@ -270,15 +273,16 @@ class Masks:
             if k == 0:
                 continue
             gen = self._device_generator(weight.device)
+            scratch = self._scratch(weight)
             if self.prune == "magnitude":
                 kept = prune_magnitude(weight, old, k)
             else:
-                kept = prune_soft_magnitude(weight, old, k, self.temperature, gen)
+                kept = prune_soft_magnitude(weight, old, k, self.temperature, gen, scratch)
             if self.grow == "rigl":
                 if weight.grad is None:
                     raise RuntimeError(f"RigL growth needs the gradient of {name}; call update "
                                        "after backward and before zero_grad")
-                new = grow_rigl(weight.grad, kept, k)
+                new = grow_rigl(weight.grad, kept, k, scratch[0])
             else:
                 new = grow_random(kept, k, gen)
             if sync is not None:
@@ -293,6 +297,16 @@ class Masks:
             moved[name] = k
         self.num_updates += 1
         return moved
+
+    def _scratch(self, weight):
+        """Two float32 buffers shaped like `weight`, views of per-device buffers kept across
+        updates: fresh 100 MB temporaries cost page faults on every update on a CPU."""
+        size = 2 * weight.numel()
+        buf = self._buffers.get(weight.device)
+        if buf is None or buf.numel() < size:
+            largest = 2 * max(w.numel() for n, w in self.weights.items() if n in self.masks)
+            buf = self._buffers[weight.device] = torch.empty(largest, device=weight.device)
+        return buf[:weight.numel()].view(weight.shape), buf[weight.numel():size].view(weight.shape)
 
     def _device_generator(self, device):
         """A generator on `device`, seeded from the CPU generator, so one state resumes all."""
