@@ -5,6 +5,7 @@ Paper map (arXiv 2505.17909):
   Sec. 5.2  prediction disagreement between heads               -> disagreement()
   App. F    inference FLOPs: active weights x output positions   -> inference_flops()
   App. F    training FLOPs (RigL App. H), `evaluate.py flops`     -> train_flops_per_example(), flops_report()
+  Sec. 4.1  robustness to CIFAR-100-C-style corruptions (Fig. 2) -> corrupt(), corruption_table()
   Sec. 5.2  disagreement / accuracy over training (Fig. 4)      -> plot_history()
             reliability diagram                                 -> plot_reliability()
 
@@ -13,6 +14,12 @@ probabilities (N, C) and labels (N), and touch no model. train_vision.py imports
 them; `python evaluate.py --checkpoint PATH` evaluates a saved vision run on its test set (the data
 loading it needs is train_vision.load_data, imported inside that command only).
 
+Corruptions: 9 of the 19 CIFAR-100-C corruptions, generated on the fly at the severities of the
+  benchmark's generation code: the noise family (gaussian, shot, impulse, speckle), gaussian blur,
+  contrast, brightness, pixelate and JPEG. Left out: those that need external image assets (frost),
+  ImageMagick (motion blur) or long CPU loops (glass blur, elastic, zoom, fog, snow, spatter,
+  defocus, saturate). Numbers from this subset are therefore not comparable to a full CIFAR-100-C mean.
+
 Deviation: prediction disagreement. Released code: averages an M x M matrix including its zero
   diagonal, which understates the pairwise mean by a factor (M-1)/M. Ours: the mean over the
   M(M-1)/2 pairs, and also the fraction of samples on which the heads do not all agree.
@@ -20,9 +27,11 @@ Deviation: prediction disagreement. Released code: averages an M x M matrix incl
 import argparse
 import json
 import sys
+import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import models
 import neurotrails
@@ -176,6 +185,72 @@ def parameter_counts(net):
 
 
 # ----------------------------------------------------------------------------------------------
+# Corruptions (Hendrycks & Dietterich 2019, CIFAR-10/100-C), a documented subset written here
+
+# Severity 1..5 parameters of the CIFAR-C generation code (Hendrycks & Dietterich 2019).
+CORRUPTIONS = {
+    "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),   # std of additive noise
+    "shot_noise": (500, 250, 100, 75, 50),              # Poisson rate scale
+    "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),    # salt-and-pepper fraction
+    "speckle_noise": (0.06, 0.1, 0.12, 0.16, 0.2),      # std of multiplicative noise
+    "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),         # blur sigma in pixels
+    "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),            # contrast factor
+    "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),          # HSV value shift
+    "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),          # down-sampling factor
+    "jpeg_compression": (80, 65, 58, 50, 40),           # JPEG quality
+}
+
+
+def corrupt(images, name, severity, generator):
+    """Corrupt a uint8 batch (N, C, H, W) at severity 1..5; returns uint8. Same seed, same result."""
+    import torchvision.transforms.functional as TF
+    from torchvision.io import decode_jpeg, encode_jpeg
+    c = CORRUPTIONS[name][severity - 1]
+    if name == "jpeg_compression":
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its JPEG codec for torchcodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.stack([decode_jpeg(encode_jpeg(img, quality=c)) for img in images])
+    x = images.float() / 255
+    if name == "gaussian_noise":
+        x = x + c * torch.randn(x.shape, generator=generator)
+    elif name == "shot_noise":
+        x = torch.poisson(x * c, generator=generator) / c
+    elif name == "impulse_noise":
+        u = torch.rand(x.shape, generator=generator)
+        x = torch.where(u < c / 2, 0.0, torch.where(u > 1 - c / 2, 1.0, x))
+    elif name == "speckle_noise":
+        x = x + x * c * torch.randn(x.shape, generator=generator)
+    elif name == "gaussian_blur":
+        x = TF.gaussian_blur(x, 2 * int(3 * c + 0.5) + 1, c)
+    elif name == "contrast":
+        means = x.mean((2, 3), keepdim=True)
+        x = (x - means) * c + means
+    elif name == "brightness":  # HSV value + c with hue and saturation kept: scale RGB by (v + c) / v
+        v = x.max(1, keepdim=True).values
+        x = x * ((v + c).clamp(max=1) / v.clamp(min=1e-6))
+    elif name == "pixelate":
+        h, w = x.shape[-2:]
+        small = F.interpolate(x, size=(int(h * c), int(w * c)), mode="area")
+        x = F.interpolate(small, size=(h, w), mode="nearest")
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def corruption_table(net, test_data, normalize, names, aggregate="probs", batch_size=256, seed=0):
+    """Accuracy, NLL and ECE of the soft vote per corruption and severity (Sec. 4.1, Fig. 2)."""
+    out = {}
+    for name in names:
+        for severity in range(1, 6):
+            g = torch.Generator().manual_seed(seed)
+            x = test_data["x"]
+            batches = ((normalize(corrupt(x[i:i + batch_size], name, severity, g)), test_data["y"][i:i + batch_size])
+                       for i in range(0, len(x), batch_size))
+            logits, labels = predict(net, batches)
+            m = summarize(logits, labels, aggregate)
+            out[name, severity] = {k: m[k] for k in ("acc", "nll", "ece")}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Plots (matplotlib, imported only when plotting)
 
 
@@ -278,6 +353,11 @@ def main():
     ap.add_argument("--history", default=None, help="a training JSONL log: plot accuracy and disagreement")
     ap.add_argument("--history-plot", default="history.png", help="output PNG for --history")
     ap.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    ap.add_argument("--corruptions", nargs="?", const="all", default=None,
+                    help="also evaluate on corrupted test images at severities 1-5: 'all' or a comma-separated "
+                         "subset of " + ", ".join(CORRUPTIONS) + " (CIFAR-100 / Fashion-MNIST checkpoints)")
+    ap.add_argument("--image-folder", default=None,
+                    help="evaluate on this ImageFolder (one folder per class, e.g. ImageNet-Sketch) instead")
     args = ap.parse_args()
     if args.history:
         plot_history(args.history, args.history_plot)
@@ -287,20 +367,44 @@ def main():
             ap.error("give --checkpoint and/or --history")
         return
     import train_vision  # data loading and model rebuilding live with the training script
+    names = list(CORRUPTIONS) if args.corruptions == "all" else (args.corruptions or "").split(",")
     try:
-        net, config, test = train_vision.load_for_eval(args.checkpoint, args.data_dir, args.batch_size)
+        if args.corruptions and any(n not in CORRUPTIONS for n in names):
+            raise ValueError(f"--corruptions: unknown corruption in {args.corruptions!r}; "
+                             f"choose from {', '.join(CORRUPTIONS)}")
+        net, config, data = train_vision.load_for_eval(args.checkpoint, args.data_dir, args.image_folder)
+        if args.corruptions and not isinstance(data, dict):
+            raise ValueError("--corruptions needs an in-memory test set (CIFAR-100 or Fashion-MNIST checkpoints)")
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(1)
+    aggregate = args.aggregate or config["aggregate"]
+    if isinstance(data, dict):
+        test = train_vision.test_batches(data, args.batch_size, config["dataset"], config["device"])
+    else:
+        test = torch.utils.data.DataLoader(data, args.batch_size)
     logits, labels = predict(net, test)
-    result = summarize(logits, labels, args.aggregate or config["aggregate"])
+    result = summarize(logits, labels, aggregate)
     result.update(parameter_counts(net))
+    if args.corruptions:
+        table = corruption_table(net, data, lambda x: train_vision.normalize(x.to(config["device"]), config["dataset"]),
+                                 names, aggregate, args.batch_size)
+        result["corruptions"] = {f"{n}/{s}": v for (n, s), v in table.items()}
+        result["corruption_acc_by_severity"] = [
+            sum(table[n, s]["acc"] for n in names) / len(names) for s in range(1, 6)]
     if args.plot:
         plot_reliability(neurotrails.soft_vote(logits, args.aggregate or config["aggregate"]), labels, args.plot)
     if args.json:
         print(json.dumps(result))
-    else:
-        print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+        return
+    corruptions = result.pop("corruptions", None)
+    by_severity = result.pop("corruption_acc_by_severity", None)
+    print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    if corruptions:
+        print(f"\n{'corruption':<18}" + "".join(f"{'sev ' + str(s):>9}" for s in range(1, 6)) + "   (accuracy %)")
+        for n in names:
+            print(f"{n:<18}" + "".join(f"{100 * corruptions[f'{n}/{s}']['acc']:>9.2f}" for s in range(1, 6)))
+        print(f"{'mean':<18}" + "".join(f"{100 * a:>9.2f}" for a in by_severity))
 
 
 if __name__ == "__main__":

@@ -490,16 +490,35 @@ def cost_vs_single(net, cfg, example):
     return {"infer_flops": flops, "infer_flops_vs_single": flops / base}
 
 
-def load_for_eval(checkpoint, data_dir=None, batch_size=256):
-    """(network with the checkpoint's weights, config, test batches), for evaluate.py."""
+def load_for_eval(checkpoint, data_dir=None, image_folder=None):
+    """(network with the checkpoint's weights, config, test data), for evaluate.py.
+
+    image_folder: evaluate on this ImageFolder (one sub-folder per class, e.g. ImageNet-Sketch)
+    with the dataset's test transform instead of the checkpoint's own test set.
+    """
     state = load_checkpoint(checkpoint)
     cfg = dict(state["config"], device="cuda" if torch.cuda.is_available() else "cpu", channels_last=False)
     if data_dir:
         cfg["data_dir"] = data_dir
-    _, test_data = load_data(cfg["dataset"], cfg["data_dir"], 64, cfg["test_subset"])
     net, _, _ = build_run(cfg, 1)
     net.load_state_dict(state["model"])
-    return net, cfg, test_batches(test_data, batch_size, cfg["dataset"], cfg["device"])
+    if image_folder:
+        return net, cfg, _flat_image_folder(cfg["dataset"], Path(image_folder))
+    _, test_data = load_data(cfg["dataset"], cfg["data_dir"], 64, cfg["test_subset"])
+    return net, cfg, test_data
+
+
+def _flat_image_folder(dataset, folder):
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+    if not folder.is_dir():
+        raise ValueError(f"--image-folder {folder}: no such folder")
+    r = RECIPES[dataset]
+    size = {"imagenet": 224, "tinyimagenet": 64, "cifar100": 32, "fashion-mnist": 28}[dataset]
+    steps = [T.Resize(256), T.CenterCrop(224)] if dataset == "imagenet" else [T.Resize((size, size))]
+    if r["channels"] == 1:
+        steps.append(T.Grayscale())
+    return ImageFolder(str(folder), T.Compose([*steps, T.ToTensor(), T.Normalize(r["mean"], r["std"])]))
 
 
 def print_table(rows):

@@ -114,3 +114,27 @@ def test_treenet_parameter_ratio_is_the_papers_2_91_and_its_flop_ratio_is_not():
     r = evaluate.flops_report("wrn28-10", 3, 8, 0.0)
     assert round(r["params_vs_single"], 2) == 2.91
     assert round(r["infer_flops_vs_single"], 2) == 2.36
+
+
+def _images():
+    """Textured 32 x 32 images: uniform noise, mildly smoothed, in the middle of the value range."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 32, 32, generator=g)
+    x = torch.nn.functional.avg_pool2d(x, 3, 1, 1)
+    return (40 + 170 * x).round().to(torch.uint8)
+
+
+@pytest.mark.parametrize("name", list(evaluate.CORRUPTIONS))
+def test_corruptions_keep_shape_grow_with_severity_and_are_seeded(name):
+    x = _images()
+    diffs = []
+    for severity in range(1, 6):
+        out = evaluate.corrupt(x, name, severity, torch.Generator().manual_seed(3))
+        assert out.shape == x.shape and out.dtype == torch.uint8
+        again = evaluate.corrupt(x, name, severity, torch.Generator().manual_seed(3))
+        assert torch.equal(out, again)
+        diffs.append((out.float() - x.float()).abs().mean().item())
+    assert diffs[0] > 0
+    if name != "pixelate":  # block sizes like 32/24 alias, as PIL's box resize does in CIFAR-C
+        assert all(b >= a * 0.97 for a, b in zip(diffs, diffs[1:])), diffs  # stronger with severity
+    assert diffs[-1] > diffs[0]

@@ -197,3 +197,28 @@ def test_image_folder_datasets_train_through_the_dataloader(tmp_path):
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["step"] == 2 * (16 // 4)
     assert load(out / "last.pt")["config"]["blocks_in_head"] == 2
+
+
+def test_evaluate_corruptions_and_an_image_folder(data_dir, tmp_path):
+    from PIL import Image
+    train_vision.main(TINY + ["--data-dir", str(data_dir), "--epochs", "1", "--out", str(tmp_path)])
+    out = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(tmp_path / "last.pt"),
+                          "--corruptions", "gaussian_noise,contrast", "--json"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.splitlines()[-1])
+    assert sorted(got["corruptions"]) == sorted(f"{n}/{s}" for n in ("gaussian_noise", "contrast")
+                                                for s in range(1, 6))
+    assert len(got["corruption_acc_by_severity"]) == 5
+    for cls in ("a", "b"):  # a flat ImageFolder of RGB images, e.g. a sketch-style test set
+        (tmp_path / "sketch" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 40), (40 * i, 100, 200)).save(tmp_path / "sketch" / cls / f"{i}.png")
+    out = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(tmp_path / "last.pt"),
+                          "--image-folder", str(tmp_path / "sketch"), "--json"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert 0.0 <= json.loads(out.stdout.splitlines()[-1])["acc"] <= 1.0
+    bad = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(tmp_path / "last.pt"),
+                          "--corruptions", "fog"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert bad.returncode == 1 and "unknown corruption" in bad.stderr
