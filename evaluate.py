@@ -147,7 +147,7 @@ def train_flops_per_example(f_sparse, f_dense, delta_t):
 
 def flops_report(model, num_heads, blocks_in_head, sparsity_, allocation="global", init="er", full_ensemble=False,
                  num_classes=100, image_size=32, seq_len=256, epochs=1, single_epochs=1, train_examples=1,
-                 delta_t=0):
+                 delta_t=0, batch_size=128):
     """Inference and training FLOPs and parameters of a configuration, absolute and vs single dense.
 
     Built on the meta device from the allocated densities: instant for any model size.
@@ -170,8 +170,9 @@ def flops_report(model, num_heads, blocks_in_head, sparsity_, allocation="global
     train_run = per_example * train_examples * epochs
     single_run = 3 * f_single * train_examples * single_epochs
     return {"infer_flops_dense": f["dense"], "infer_flops_sparse": f["sparse"],
-            "infer_flops_vs_single": f["sparse"] / f_single,
-            "train_flops_per_example_step": per_example, "train_flops_run": train_run,
+            "infer_flops_dense_vs_single": f["dense"] / f_single, "infer_flops_vs_single": f["sparse"] / f_single,
+            "train_flops_per_example_step": per_example, "train_flops_per_step": per_example * batch_size,
+            "train_flops_per_step_vs_single": per_example / (3 * f_single), "train_flops_run": train_run,
             "train_flops_vs_single_run": train_run / single_run, "single_train_flops_run": single_run,
             "params": params, "active_params": active_params, "params_vs_single": params / single_params,
             "active_params_vs_single": active_params / single_params}
@@ -323,12 +324,13 @@ def flops_main(argv):
     ap.add_argument("--single-epochs", type=float, default=1, help="epochs of the single dense reference run")
     ap.add_argument("--train-examples", type=int, default=1, help="examples per epoch (CIFAR-100: 50000)")
     ap.add_argument("--delta-t", type=int, default=100, help="steps between RigL updates (0: static)")
+    ap.add_argument("--batch-size", type=int, default=128, help="examples per training step")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     try:
         report = flops_report(args.model, args.num_heads, args.blocks_in_head, args.sparsity, args.allocation,
                               args.init, args.full_ensemble, args.num_classes, args.image_size, args.seq_len,
-                              args.epochs, args.single_epochs, args.train_examples, args.delta_t)
+                              args.epochs, args.single_epochs, args.train_examples, args.delta_t, args.batch_size)
     except ValueError as e:
         print(f"evaluate.py flops: error: {e}", file=sys.stderr)
         sys.exit(2)

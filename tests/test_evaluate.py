@@ -105,6 +105,8 @@ def test_flops_report_on_the_meta_device_matches_real_masks():
     single = evaluate.inference_flops(neurotrails.build("wrn10-2", 1, 2, num_classes=10), torch.randn(1, 3, 16, 16))
     assert report["infer_flops_vs_single"] == pytest.approx(real["sparse"] / single["dense"])
     assert report["train_flops_vs_single_run"] == pytest.approx(3 * 3 * real["sparse"] / (3 * 2 * single["dense"]))
+    assert report["train_flops_per_step"] == 128 * 3 * real["sparse"]
+    assert report["infer_flops_dense_vs_single"] == pytest.approx(real["dense"] / single["dense"])
     counts = evaluate.parameter_counts(net)
     assert report["params"] == counts["params"]
     assert abs(report["active_params"] - counts["active_params"]) <= len(neurotrails.masked_weights(net))
