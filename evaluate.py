@@ -50,13 +50,17 @@ def nll(probs, labels, eps=1e-12):
     return -probs.gather(-1, labels[:, None]).clamp_min(eps).log().mean().item()
 
 
+def confidence_bins(probs, bins=15):
+    """(confidence, prediction, bin index) per sample; bin b holds confidences in (b/bins, (b+1)/bins]."""
+    conf, pred = probs.max(-1)
+    return conf, pred, (conf * bins).ceil().long().clamp(1, bins) - 1
+
+
 def ece(probs, labels, bins=15):
     """Expected calibration error with equal-width confidence bins (Guo et al. 2017):
     ECE = sum_b |B_b| / N * |acc(B_b) - conf(B_b)|, bins (0, 1/15], ..., (14/15, 1]."""
-    conf, pred = probs.max(-1)
+    conf, pred, idx = confidence_bins(probs, bins)
     correct = (pred == labels).float()
-    # bin b holds confidences in (b/bins, (b+1)/bins]
-    idx = (conf * bins).ceil().long().clamp(1, bins) - 1
     gap = torch.zeros(bins).index_add_(0, idx, correct - conf)
     return (gap.abs().sum() / len(labels)).item()
 
@@ -118,9 +122,10 @@ def inference_flops(net, example, active=None):
 
     def hook(module, inputs, output):
         positions = output[0].numel() // module.weight.shape[0]  # output elements per out-channel
-        name = f"{names[module]}.weight"
-        used = active[name] if active is not None and name in active else (
-            module.weight.numel() if active is not None else int(torch.count_nonzero(module.weight)))
+        if active is None:
+            used = int(torch.count_nonzero(module.weight))
+        else:  # tensors not listed are dense
+            used = active.get(f"{names[module]}.weight", module.weight.numel())
         counts["dense"] += 2 * module.weight.numel() * positions
         counts["sparse"] += 2 * used * positions
 
@@ -257,8 +262,7 @@ def corruption_table(net, test_data, normalize, names, aggregate="probs", batch_
 
 def reliability_bins(probs, labels, bins=15):
     """Per confidence bin: (bin upper edge, count, accuracy, mean confidence)."""
-    conf, pred = probs.max(-1)
-    idx = (conf * bins).ceil().long().clamp(1, bins) - 1
+    conf, pred, idx = confidence_bins(probs, bins)
     rows = []
     for b in range(bins):
         sel = idx == b

@@ -143,6 +143,8 @@ def masked_weights(net):
 
 def densities(net, sparsity_, allocation="global", init="er"):
     """Layerwise densities for sparsity S: ER/ERK or uniform, solved globally or per component."""
+    if not 0.0 <= sparsity_ < 1.0:
+        raise ValueError(f"--sparsity must be in [0, 1), got {sparsity_}")
     if allocation not in ("global", "per-component"):
         raise ValueError(f"--allocation must be global or per-component, got {allocation!r}")
     shapes = {n: tuple(p.shape) for n, p in masked_weights(net).items()}
@@ -155,8 +157,6 @@ def build_masks(net, sparsity_, allocation="global", init="er", seed=0, **dst):
 
     dst: prune, grow, temperature, p0, delta_t, t_end (see sparsity.Masks).
     """
-    if not 0.0 <= sparsity_ < 1.0:
-        raise ValueError(f"--sparsity must be in [0, 1), got {sparsity_}")
     weights = masked_weights(net)
     gen = torch.Generator().manual_seed(seed)
     dens = densities(net, sparsity_, allocation, init)
@@ -218,8 +218,6 @@ def main():
     try:
         with torch.device("meta"):  # shapes only: instant even for LLaMA-350M
             net = build(args.model, args.num_heads, args.blocks_in_head, args.full_ensemble, **kwargs)
-            if not 0.0 <= args.sparsity < 1.0:
-                raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
             dens = densities(net, args.sparsity, args.allocation, args.init)
     except ValueError as e:  # one line naming the flag, no usage dump
         print(f"{ap.prog}: error: {e}", file=sys.stderr)

@@ -504,7 +504,7 @@ def load_for_eval(checkpoint, data_dir=None, image_folder=None):
     net.load_state_dict(state["model"])
     if image_folder:
         return net, cfg, _flat_image_folder(cfg["dataset"], Path(image_folder))
-    _, test_data = load_data(cfg["dataset"], cfg["data_dir"], 64, cfg["test_subset"])
+    _, test_data = load_data(cfg["dataset"], cfg["data_dir"], None, cfg["test_subset"])
     return net, cfg, test_data
 
 
