@@ -7,6 +7,8 @@ Paper map (arXiv 2505.17909):
   App. F    training FLOPs (RigL App. H), `evaluate.py flops`     -> train_flops_per_example(), flops_report()
   Sec. 4.1  robustness to CIFAR-100-C-style corruptions (Fig. 2) -> corrupt(), corruption_table()
   Sec. 5.2  disagreement / accuracy over training (Fig. 4)      -> plot_history()
+  Sec. 4.2  perplexity of the soft vote, per head, mean of logits -> perplexity(), target_logprobs()
+  Table 5   zero-shot tasks through lm-eval-harness              -> `evaluate.py lm-eval`, harness_model()
             reliability diagram                                 -> plot_reliability()
 
 The metric functions are pure: they take per-head probabilities (M, N, C) or ensemble
@@ -25,7 +27,10 @@ Deviation: prediction disagreement. Released code: averages an M x M matrix incl
   M(M-1)/2 pairs, and also the fraction of samples on which the heads do not all agree.
 """
 import argparse
+import contextlib
 import json
+import math
+import os
 import sys
 import warnings
 
@@ -102,6 +107,117 @@ def predict(net, batches):
         labels.append(y)
     net.train(was_training)
     return torch.cat(logits, 1), torch.cat(labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Language models: perplexity (Sec. 4.2, Table 4)
+
+
+def target_logprobs(logits, targets):
+    """Log-probability of each target token from per-head logits (M, ..., V) and targets (...):
+    per head (M, ...); soft vote log(1/M sum_i p_i) (...); and under the mean of the logits (...).
+    Targets equal to -100 get a value too (of token 0); mask them out."""
+    num_heads = logits.shape[0]
+    logp = logits.float().log_softmax(-1)
+    index = targets.clamp(min=0).unsqueeze(-1)
+    heads = logp.gather(-1, index.expand(*logp.shape[:-1], 1)).squeeze(-1)
+    # log of the mean of the heads' probabilities of the target: logsumexp_i log p_i - log M
+    vote = heads.logsumexp(0) - math.log(num_heads)
+    mean_logits = logits.float().mean(0).log_softmax(-1).gather(-1, index).squeeze(-1)
+    return heads, vote, mean_logits
+
+
+@torch.no_grad()
+def perplexity(net, batches, autocast=None):
+    """exp(token-weighted mean NLL) over `batches` of (input ids (B, T), targets (B, T), -100 =
+    ignore): of the soft vote ('ppl', the paper's), of the mean of logits ('ppl_logits', the released
+    code's rule) and of each head alone ('ppl_heads')."""
+    was_training = net.training
+    device = next(net.parameters()).device
+    net.eval()
+    sums, count = None, 0
+    for ids, targets in batches:
+        ids, targets = ids.to(device), targets.to(device)
+        with autocast or contextlib.nullcontext():
+            logits = net(ids)
+        heads, vote, mean_logits = target_logprobs(logits, targets)
+        valid = targets != -100
+        nll = -torch.cat([vote[None], mean_logits[None], heads]).double().mul(valid).flatten(1).sum(1)
+        sums = nll if sums is None else sums + nll
+        count += int(valid.sum())
+    net.train(was_training)
+    if not count:
+        raise ValueError("perplexity: no target tokens to evaluate on")
+    ppl = (sums / count).exp().tolist()
+    return {"ppl": ppl[0], "ppl_logits": ppl[1], "ppl_heads": ppl[2:], "eval_tokens": count}
+
+
+@torch.no_grad()
+def score_continuations(net, pairs, max_len, batch_size=16, aggregate="probs", pad_id=0):
+    """For each (context ids, continuation ids): the log-probability of the continuation given the
+    context under the ensemble, and whether it is the ensemble's greedy continuation. The last
+    max_len + 1 tokens are kept (context first to go); the context must not be empty."""
+    device = next(net.parameters()).device
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = [(ctx + cont)[-(max_len + 1):] for ctx, cont in pairs[i:i + batch_size]]
+        width = max(len(c) for c in chunk) - 1
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        targets = torch.full((len(chunk), width), -100, dtype=torch.long)
+        for row, ((_, cont), seq) in enumerate(zip(pairs[i:i + batch_size], chunk)):
+            ids[row, :len(seq) - 1] = torch.tensor(seq[:-1])
+            n = min(len(cont), len(seq) - 1)  # right padding: the scored tokens end at len(seq) - 1
+            targets[row, len(seq) - 1 - n:len(seq) - 1] = torch.tensor(seq[-n:])
+        logits = net(ids.to(device)).float()
+        targets = targets.to(device)
+        heads, vote, mean_logits = target_logprobs(logits, targets)
+        logprob = vote if aggregate == "probs" else mean_logits
+        valid = targets != -100
+        greedy = neurotrails.soft_vote(logits, aggregate).argmax(-1) == targets
+        for row in range(len(chunk)):
+            out.append((float(logprob[row][valid[row]].double().sum()), bool(greedy[row][valid[row]].all())))
+    return out
+
+
+def harness_model(net, tokenizer, max_len, batch_size=16, aggregate="probs"):
+    """An lm-eval-harness model (lm_eval.api.model.LM) whose log-likelihoods are the ensemble's."""
+    from lm_eval.api.model import LM
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+
+    def encode(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    class EnsembleLM(LM):
+        def loglikelihood(self, requests, disable_tqdm=False):
+            pairs = []
+            for context, continuation in (r.args for r in requests):
+                # as the harness' HF model: trailing spaces of the context belong to the continuation,
+                # and the continuation's tokens are those of the whole string after the context's
+                spaces = len(context) - len(context.rstrip())
+                if spaces:
+                    context, continuation = context[:-spaces], context[-spaces:] + continuation
+                ctx = encode(context)
+                whole = encode(context + continuation)
+                pairs.append((ctx or [eos], whole[len(ctx):] if ctx else whole))
+            return score_continuations(net, pairs, max_len, batch_size, aggregate, pad)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            results = []
+            for (text,) in (r.args for r in requests):
+                # disjoint windows (as the harness' HF model): each scores max_len tokens given the
+                # token before them and the window's own earlier tokens
+                tokens = [eos] + encode(text)
+                pairs = [(tokens[s - 1:s], tokens[s:s + max_len]) for s in range(1, len(tokens), max_len)]
+                results.append(sum(lp for lp, _ in score_continuations(net, pairs, max_len, batch_size,
+                                                                     aggregate, pad)))
+            return results
+
+        def generate_until(self, requests, disable_tqdm=False):
+            raise NotImplementedError("generation tasks are not supported: the paper's zero-shot tasks "
+                                      "(Table 5) are all scored by log-likelihood")
+
+    return EnsembleLM()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,9 +461,54 @@ def flops_main(argv):
             print(f"{k:<30} {v:.4g}" if isinstance(v, float) else f"{k:<30} {v:,}")
 
 
+PAPER_TASKS = "mmlu,boolq,arc_easy,piqa,hellaswag,openbookqa,winogrande"  # Table 5
+
+
+def lm_eval_main(argv):
+    ap = argparse.ArgumentParser(prog="evaluate.py lm-eval", description="Zero-shot downstream accuracy of a "
+                                 "train_lm.py checkpoint through lm-eval-harness (paper Table 5), scored with the "
+                                 "ensemble's log-probabilities. The tasks' data come from the HuggingFace hub.")
+    ap.add_argument("--checkpoint", required=True, help="a last.pt written by train_lm.py")
+    ap.add_argument("--tasks", default=PAPER_TASKS, help=f"comma-separated lm-eval task names (default: {PAPER_TASKS})")
+    ap.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAML files (e.g. local data)")
+    ap.add_argument("--num-fewshot", type=int, default=0, help="in-context examples (paper: 0)")
+    ap.add_argument("--limit", type=int, default=None, help="at most this many documents per task (a quick look)")
+    ap.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    ap.add_argument("--aggregate", default="probs", choices=["probs", "logits"],
+                    help="ensemble rule: mean of probabilities (paper) or of logits (released code)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--json", action="store_true", help="print the harness' per-task results as one JSON object")
+    args = ap.parse_args(argv)
+    import train_lm  # model rebuilding and the tokenizer live with the training script
+    try:
+        net, tokenizer, config = train_lm.load_for_eval(args.checkpoint, args.device)
+        offline = any(os.environ.get(v) for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+        if not args.include_path and not offline and not train_lm.hub_reachable():
+            raise ValueError("lm-eval tasks load their data from the HuggingFace hub, which cannot be reached; "
+                             "set HF_DATASETS_OFFLINE=1 to use a local datasets cache, or --include-path for local tasks")
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+        model = harness_model(net, tokenizer, config["seq_len"] - 1, args.batch_size, args.aggregate)
+        results = lm_eval.simple_evaluate(model=model, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot,
+                                          limit=args.limit, task_manager=TaskManager(include_path=args.include_path),
+                                          log_samples=False, bootstrap_iters=0)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"evaluate.py lm-eval: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    table = {task: {k.split(",")[0]: v for k, v in r.items() if isinstance(v, float)}
+             for task, r in results["results"].items()}
+    if args.json:
+        print(json.dumps(table))
+        return
+    for task, metrics in table.items():
+        print(f"{task:<24} " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
 def main():
     if sys.argv[1:2] == ["flops"]:
         return flops_main(sys.argv[2:])
+    if sys.argv[1:2] == ["lm-eval"]:
+        return lm_eval_main(sys.argv[2:])
     ap = argparse.ArgumentParser(description="Evaluate a saved train_vision.py checkpoint on its test set "
                                  "(accuracy, NLL, ECE, disagreement, per-head accuracy, FLOPs), or plot a log.")
     ap.add_argument("--checkpoint", help="a checkpoint written by train_vision.py")

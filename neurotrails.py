@@ -53,6 +53,18 @@ class NeuroTrails(nn.Module):
         return len(self.heads)
 
 
+class Members(nn.Module):
+    """Full-ensemble forward in training: member i on its own batch xs[i] (each member has its own
+    data order); one module, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.heads = net.heads
+
+    def forward(self, xs):
+        return torch.stack([head(x) for head, x in zip(self.heads, xs)])
+
+
 def validate(model, num_heads, blocks_in_head, num_blocks, sparsity_, full_ensemble=False):
     """Raise ValueError with one line naming the flag and its valid range."""
     if num_heads < 1:
@@ -150,6 +162,16 @@ def densities(net, sparsity_, allocation="global", init="er"):
     shapes = {n: tuple(p.shape) for n, p in masked_weights(net).items()}
     groups = {n: component(n) for n in shapes} if allocation == "per-component" else None
     return sparsity.layer_densities(shapes, 1.0 - sparsity_, init, groups)
+
+
+def component_densities(net):
+    """Fraction of nonzero weights in the masked tensors of the backbone and each head."""
+    counts = {}
+    for name, w in masked_weights(net).items():
+        c = counts.setdefault(component(name), [0, 0])
+        c[0] += int(torch.count_nonzero(w))
+        c[1] += w.numel()
+    return {k: round(a / n, 6) for k, (a, n) in counts.items()}
 
 
 def build_masks(net, sparsity_, allocation="global", init="er", seed=0, **dst):

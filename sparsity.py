@@ -338,6 +338,15 @@ class Masks:
         self.num_updates = state["num_updates"]
 
 
+def broadcast_mask(mask):
+    """Rank 0's mask on every process of a torch.distributed group: the `sync` of Masks.update
+    (gloo has no bool broadcast, so it goes through uint8)."""
+    import torch.distributed as dist
+    t = mask.to(torch.uint8)
+    dist.broadcast(t, 0)
+    return t.bool()
+
+
 def _state_tensors(optimizer, weight):
     """Optimizer-state tensors shaped like `weight` (SGD momentum_buffer, Adam exp_avg, ...)."""
     if optimizer is None:

@@ -1,15 +1,671 @@
-"""Language modelling: multi-head LLaMA pretraining on C4 (paper Sec. 4.2, App. C, E.2).
+"""Language modelling: NeuroTrails and its baselines as LLaMA pretraining on C4 (paper Sec. 4.2).
 
-Not written yet: this script only says so. The library it will use (models.py, sparsity.py,
-neurotrails.py) is complete; `python neurotrails.py --help` shows what can be inspected today.
+    python train_lm.py --model llama-130m                          # the paper's LLaMA-130M run
+    python train_lm.py --model llama-350m                          # the 350M recipe
+    python train_lm.py --dataset text --data-dir /usr/share/doc/python3.11/html/_sources \\
+        --train-tokenizer 4096 --model llama-9m ... --compare single,treenet,neurotrails  # offline
+
+Paper map (arXiv 2505.17909):
+  Sec. 4.2, App. E.2, Table 10  recipe: Adam, lr, warmup + cosine, 512 seqs, S=0.1  -> RECIPES, resolve_config()
+  App. C                        LLaMA split: embeddings + first L-k layers | k layers + norm + lm_head
+  Sec. 3, Alg. 1                mean-of-heads loss, masked Adam, DST every 50 updates  -> train()
+  Sec. 2.2, Zhang et al. 2025   soft-magnitude pruning (T=3) + RigL on the accumulated gradient
+  Sec. 4.2, Table 4             validation perplexity of the soft vote, per head     -> evaluate.perplexity()
+  App. H.1                      parameter-matched dense llama-250m                   -> evaluate.py flops
+
+Methods are settings of one loop: single (M=1, dense), treenet (M heads, dense), ensemble (M
+independent full models, each on its own sequences), neurotrails (M heads, sparse, DST), static
+(sparse, no topology updates); `--grow set` gives the SET variant.
+
+Data: a stream of documents (C4 "en" from the hub, local C4 json.gz shards, or local text files),
+tokenized on the fly; each document is followed by EOS. Default (the released code): one document
+per sequence, truncated to --seq-len and right-padded, padding ignored by the loss. --pack
+concatenates documents and cuts the stream into full sequences instead. Every process reads the
+whole global batch and keeps its own share of it (sequences rank, rank + world, ...), so the
+data of an update does not depend on the number of processes.
+
+Loss of an update: mean over heads of the token-summed cross-entropy, divided by the number of
+target tokens in the whole update (all micro-batches, all processes), so gradient accumulation and
+DDP give the same gradient as one big batch.
+
+Every run writes under --out: log.jsonl (one JSON object per --log-every updates, with
+perplexities every --eval-every), last.pt (atomic, every --save-every updates and at the end),
+config.json, tokenizer.json (a --train-tokenizer run). --resume PATH continues exactly (bitwise
+on CPU): weights, masks, DST schedule and RNG, Adam state, LR schedule and the position in the
+data stream.
+
+Deviation: C4 order. Released code: the streamed C4 is shuffled with a buffer. Ours: C4 in its
+  stored order (its shards are already in random order), because a shuffle buffer's contents cannot
+  be restored on --resume. Local text files are shuffled by paragraph with the seed (exactly resumable).
 """
+import argparse
+import json
+import math
+import os
+import socket
 import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import evaluate
+import models
+import neurotrails
+import sparsity
+
+# App. E.2, Table 10. dense_updates: updates of a dense run; sparse runs train 1/(1-S) times as many
+# (10,000 -> 11,111 at S=0.1). Other sizes take the 130M recipe.
+RECIPES = {
+    "llama-130m": dict(lr=1.5e-3, dense_updates=10_000),
+    "llama-350m": dict(lr=5e-4, dense_updates=40_000),
+}
+DEFAULT_RECIPE = RECIPES["llama-130m"]
+METHODS = ("neurotrails", "single", "treenet", "ensemble", "static")
+# Config keys that may differ between a checkpoint and the run resuming it.
+RESUMABLE_CHANGES = {"data_dir", "out", "device", "bf16", "world_size", "stop_after", "eval_every",
+                     "log_every", "save_every"}
+VALIDATION_EVERY = 20  # --dataset text: every 20th file (sorted by path) is held out for validation
 
 
-def main():
-    print("train_lm.py: the LLaMA / C4 training loop with soft-magnitude DST is not written yet; see the project's open issues.", file=sys.stderr)
-    return 2
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and documents
+
+
+def hub_reachable():
+    """False at once when offline mode is set or the hub's host does not resolve/connect, so that a
+    missing dataset or tokenizer fails in seconds instead of after minutes of retries."""
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    from huggingface_hub import constants
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_tokenizer(name=None, tokenizer_json=None):
+    """A transformers tokenizer: from a tokenizer.json string (a --train-tokenizer run), a local
+    file or folder, the local HF cache, or the hub, in that order."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    if tokenizer_json is not None or (name and Path(name).is_file()):
+        if tokenizer_json is None:
+            tokenizer_json = Path(name).read_text()
+        from tokenizers import Tokenizer
+        try:
+            tok = Tokenizer.from_str(tokenizer_json)
+        except Exception:
+            raise ValueError(f"--tokenizer {name}: not a tokenizer file or folder") from None
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except Exception:
+        if Path(name).exists():
+            raise ValueError(f"--tokenizer {name}: not a tokenizer file or folder") from None
+    if not hub_reachable():
+        raise ValueError(f"--tokenizer {name}: not in the local cache and the HuggingFace hub cannot be reached; "
+                         "give a local path, or --train-tokenizer N to train one on the training text")
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        raise ValueError(f"--tokenizer {name}: could not be loaded ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def train_tokenizer(files, vocab_size):
+    """A byte-level BPE of vocab_size tokens trained on `files`; returns its tokenizer.json text."""
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+    tok = Tokenizer(tok_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(f) for f in files], trainer)
+    return tok.to_str()
+
+
+def text_files(data_dir, split):
+    """--dataset text: *.txt / *.md / *.rst files under data_dir; every VALIDATION_EVERY-th is validation."""
+    files = sorted(p for p in Path(data_dir).rglob("*") if p.suffix in (".txt", ".md", ".rst") and p.is_file())
+    if len(files) < 2:
+        raise ValueError(f"--data-dir {data_dir}: --dataset text needs at least 2 .txt/.md/.rst files, "
+                         f"found {len(files)}")
+    val = files[VALIDATION_EVERY // 2::VALIDATION_EVERY] or files[:1]
+    return val if split == "validation" else [f for f in files if f not in val]
+
+
+def document_source(cfg, split):
+    """A function epoch -> datasets.IterableDataset of {"text": ...} for 'train' or 'validation'."""
+    from datasets import disable_progress_bars, load_dataset
+    disable_progress_bars()
+    if cfg["dataset"] == "text":
+        files = [str(f) for f in text_files(cfg["data_dir"], split)]
+        table = load_dataset("text", data_files={split: files}, sample_by="paragraph", split=split)
+        # Paragraphs shuffled with the seed and the epoch: files mix, and the order is exactly resumable.
+        return lambda epoch: table.shuffle(seed=cfg["seed"] * 1009 + epoch).to_iterable_dataset()
+    if cfg["data_dir"]:  # local C4 shards: c4-train.00000-of-01024.json.gz, c4-validation.00000-of-00008.json.gz
+        files = sorted(str(p) for p in Path(cfg["data_dir"]).glob(f"*{split}*.json*"))
+        if not files:
+            raise ValueError(f"--data-dir {cfg['data_dir']}: no C4 {split} shards (*{split}*.json.gz) in it")
+        return lambda epoch: load_dataset("json", data_files={split: files}, split=split,
+                                          streaming=True).select_columns(["text"])
+    if not hub_reachable():
+        raise ValueError("C4 is streamed from the HuggingFace hub (allenai/c4), which cannot be reached; give "
+                         "--data-dir with local C4 json.gz shards, or --dataset text --data-dir with text files")
+    return lambda epoch: load_dataset("allenai/c4", "en", split=split, streaming=True).select_columns(["text"])
+
+
+class TokenStream:
+    """Fixed-length token sequences from a document stream, with its exact position in state_dict().
+
+    take(n) -> (inputs, targets), both (n, seq_len - 1): a sequence of seq_len tokens predicts its
+    last seq_len - 1 from the ones before; targets are -100 at padding. pack=False: one document per sequence, truncated and right-padded; pack=True:
+    documents concatenated and cut into full sequences. loop=False: stop at the end of the data.
+    """
+
+    def __init__(self, source, tokenizer, seq_len, pack, loop=True, docs_per_call=64):
+        self.source, self.tok, self.seq_len, self.pack, self.loop = source, tokenizer, seq_len, pack, loop
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or 0)
+        self.docs_per_call = docs_per_call
+        self.epoch, self.carry, self.done = 0, [], False
+        self.docs, self.iterator, self.read_in_epoch = source(0), None, False
+
+    def take(self, n):
+        seqs = []
+        while len(seqs) < n and not self.done:
+            texts = self._read(n - len(seqs) if not self.pack else self.docs_per_call)
+            ids = self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+            for doc in ids:
+                doc = doc + [self.eos] if self.eos is not None else doc
+                if self.pack:
+                    self.carry += doc
+                elif len(doc) >= 2:  # a sequence needs at least one target
+                    seqs.append(doc[:self.seq_len])
+            while self.pack and len(self.carry) >= self.seq_len and len(seqs) < n:
+                seqs.append(self.carry[:self.seq_len])
+                self.carry = self.carry[self.seq_len:]
+        ids = torch.full((len(seqs), self.seq_len), self.pad, dtype=torch.long)
+        targets = torch.full((len(seqs), self.seq_len - 1), -100, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s)
+            targets[i, :len(s) - 1] = ids[i, 1:len(s)]
+        return ids[:, :-1], targets
+
+    def _read(self, n):
+        """Up to n document texts; at the end of the data, the next epoch (loop) or stop."""
+        texts = []
+        while len(texts) < n:
+            if self.iterator is None:
+                self.iterator = iter(self.docs)
+            try:
+                texts.append(next(self.iterator)["text"])
+                self.read_in_epoch = True
+            except StopIteration:
+                if not self.loop:
+                    self.done = True
+                    break
+                if not self.read_in_epoch:
+                    raise ValueError("the training data holds no text") from None
+                self.epoch += 1
+                self.docs, self.iterator, self.read_in_epoch = self.source(self.epoch), None, False
+        return texts
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "docs": self.docs.state_dict(), "carry": list(self.carry)}
+
+    def load_state_dict(self, state):
+        self.epoch, self.carry = state["epoch"], list(state["carry"])
+        self.docs, self.iterator, self.read_in_epoch = self.source(self.epoch), None, True
+        self.docs.load_state_dict(state["docs"])
+
+
+def validation_batches(cfg, tokenizer):
+    """The first --eval-tokens target tokens of the validation data, as micro-batches (kept in memory)."""
+    stream = TokenStream(document_source(cfg, "validation"), tokenizer, cfg["seq_len"], cfg["pack"], loop=False)
+    batches, count = [], 0
+    while count < cfg["eval_tokens"] and not stream.done:
+        ids, targets = stream.take(cfg["micro_batch_size"])
+        if len(ids):
+            batches.append((ids, targets))
+            count += int((targets != -100).sum())
+    if not count:
+        raise ValueError("the validation data holds no text")
+    return batches
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+def resolve_config(args):
+    """The run's full configuration: flags, filled in from the paper's recipe for the model."""
+    r = RECIPES.get(args.model, DEFAULT_RECIPE)
+    method = args.method
+    dense = method in ("single", "treenet", "ensemble")
+    cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "compare")}
+    if not models.is_language_model(args.model):
+        raise ValueError(f"--model {args.model!r} is not a language model; choose one of "
+                         f"{', '.join(models.LLAMA_CONFIGS)} (image models: train_vision.py)")
+    cfg["lr"] = r["lr"] if args.lr is None else args.lr
+    cfg["num_heads"] = 1 if method == "single" else args.num_heads
+    cfg["sparsity"] = 0.0 if dense else args.sparsity
+    if not 0.0 <= cfg["sparsity"] < 1.0:
+        raise ValueError(f"--sparsity must be in [0, 1), got {cfg['sparsity']}")
+    if args.updates is None:  # App. E.2: sparse runs get 1/(1-S) times the dense updates (11,111 at S=0.1)
+        cfg["updates"] = math.floor(r["dense_updates"] / (1 - cfg["sparsity"]) + 1e-6)
+    num_blocks = models.LLAMA_CONFIGS[args.model][0]
+    if method == "ensemble":
+        cfg["blocks_in_head"] = None
+    elif cfg["blocks_in_head"] is None:
+        cfg["blocks_in_head"] = neurotrails.default_blocks_in_head(args.model, num_blocks)
+    neurotrails.validate(args.model, cfg["num_heads"], cfg["blocks_in_head"], num_blocks, cfg["sparsity"],
+                         method == "ensemble")
+    cfg["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg["bf16"] = cfg["device"].startswith("cuda") if args.bf16 is None else args.bf16
+    cfg["micro_batch_size"] = args.micro_batch_size or args.batch_size
+    cfg["world_size"] = dist.get_world_size() if dist.is_initialized() else 1
+    cfg["out"] = args.out or f"runs/lm-{args.model}-{method}-M{cfg['num_heads']}-S{cfg['sparsity']}-seed{args.seed}"
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg):
+    """One clear ValueError per bad value, naming the flag."""
+    positive = ("batch_size", "micro_batch_size", "updates", "eval_tokens", "log_every", "eval_every", "save_every")
+    for key in positive:
+        if cfg[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
+    per_rank = cfg["batch_size"] // cfg["world_size"]
+    if cfg["batch_size"] % cfg["world_size"] or per_rank % cfg["micro_batch_size"]:
+        raise ValueError(f"--micro-batch-size {cfg['micro_batch_size']} must divide the {per_rank} sequences per "
+                         f"process (--batch-size {cfg['batch_size']} over {cfg['world_size']} processes)")
+    if cfg["seq_len"] < 2:
+        raise ValueError(f"--seq-len must be >= 2, got {cfg['seq_len']}")
+    if cfg["method"] in ("neurotrails", "static") and cfg["sparsity"] == 0.0:
+        raise ValueError(f"--method {cfg['method']} needs --sparsity > 0 (use treenet for a dense multi-head run)")
+    if cfg["lr"] <= 0:
+        raise ValueError(f"--lr must be > 0, got {cfg['lr']}")
+    if not 0 <= cfg["warmup"] < 1:
+        raise ValueError(f"--warmup must be a fraction of the updates in [0, 1), got {cfg['warmup']}")
+    if cfg["dataset"] == "text" and not cfg["data_dir"]:
+        raise ValueError("--dataset text needs --data-dir, a folder of .txt/.md/.rst files")
+    if cfg["data_dir"] and not Path(cfg["data_dir"]).is_dir():
+        raise ValueError(f"--data-dir {cfg['data_dir']}: no such folder")
+    if cfg["train_tokenizer"] is not None and cfg["dataset"] != "text":
+        raise ValueError("--train-tokenizer needs --dataset text (it is trained on the training files)")
+    if cfg["train_tokenizer"] is not None and cfg["train_tokenizer"] < 259:
+        raise ValueError(f"--train-tokenizer must be >= 259 (256 bytes + specials), got {cfg['train_tokenizer']}")
+
+
+def lr_at(update, cfg):
+    """Linear warmup over the first --warmup of the updates, then cosine to --min-lr-ratio x lr."""
+    warm = max(1, round(cfg["warmup"] * cfg["updates"]))
+    if update < warm:
+        return cfg["lr"] * (update + 1) / warm
+    progress = (update - warm) / max(1, cfg["updates"] - warm)
+    return cfg["lr"] * (cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_run(cfg, vocab_size):
+    """Network, masks and Adam for a configuration, initialised from cfg['seed']."""
+    torch.manual_seed(cfg["seed"])
+    net = neurotrails.build(cfg["model"], cfg["num_heads"], cfg["blocks_in_head"], cfg["method"] == "ensemble",
+                            vocab_size=vocab_size).to(cfg["device"])
+    masks = None
+    if cfg["method"] in ("neurotrails", "static"):
+        masks = neurotrails.build_masks(net, cfg["sparsity"], cfg["allocation"], cfg["init"], cfg["seed"],
+                                        prune=cfg["prune"].replace("-", "_"), grow=cfg["grow"],
+                                        temperature=cfg["temperature"], p0=cfg["drop_fraction"],
+                                        delta_t=cfg["delta_t"] if cfg["method"] == "neurotrails" else 0,
+                                        t_end=cfg["updates"])
+    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    return net, masks, opt
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, cfg=None):
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--resume {path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if "data" not in state or not models.is_language_model(state.get("config", {}).get("model", "")):
+        raise ValueError(f"{path}: not a train_lm.py checkpoint")
+    if cfg is not None:
+        diff = sorted(k for k in set(cfg) | set(state["config"])
+                      if k not in RESUMABLE_CHANGES and cfg.get(k) != state["config"].get(k))
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {state['config'].get(k)!r} vs now {cfg.get(k)!r}" for k in diff[:4])
+            raise ValueError(f"--resume {path}: checkpoint is from a different configuration ({detail})")
+    return state
+
+
+def restore(state, net, opt, stream):
+    net.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    masks = None
+    if state["masks"] is not None:
+        masks = sparsity.Masks(neurotrails.masked_weights(net), {})
+        masks.load_state_dict(state["masks"])
+    stream.load_state_dict(state["data"])
+    torch.set_rng_state(state["rng"])
+    return masks
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop
+
+
+def head_nll_sums(logits, targets):
+    """Token-summed cross-entropy of each head (M,): logits (M, B, T, V), targets (M or 1, B, T)."""
+    num_heads, vocab = logits.shape[0], logits.shape[-1]
+    targets = targets.expand(num_heads, *targets.shape[1:])
+    nll = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1), ignore_index=-100, reduction="none")
+    return nll.view(num_heads, -1).sum(1)
+
+
+def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_state=None):
+    """Train from update `start` to cfg['updates'] (or --stop-after updates of this call); log,
+    evaluate and checkpoint on their intervals. Returns the last evaluation record.
+
+    Under torchrun, DDP all-reduces the accumulated gradient once per update (no_sync on the other
+    micro-batches), so soft magnitude and RigL see the all-reduced accumulated gradient; every
+    topology update takes rank 0's masks; rank 0 alone evaluates, logs and saves.
+    """
+    out, device = Path(cfg["out"]), cfg["device"]
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    ensemble = cfg["method"] == "ensemble"
+    members = cfg["num_heads"] if ensemble else 1
+    forward = neurotrails.Members(net) if ensemble else net
+    if world > 1:
+        forward = DistributedDataParallel(forward, device_ids=[torch.cuda.current_device()]
+                                          if device.startswith("cuda") else None)
+    sync = sparsity.broadcast_mask if world > 1 else None
+    autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=cfg["bf16"])
+    micro, per_rank = cfg["micro_batch_size"], cfg["batch_size"] // world
+    head_weight = 1.0 if ensemble else 1.0 / cfg["num_heads"]  # ensemble: sum of members; else mean of heads
+    end = cfg["updates"] if not cfg["stop_after"] else min(cfg["updates"], start + cfg["stop_after"])
+    record, window = None, {"loss": 0.0, "tokens": 0, "time": 0.0, "updates": 0}
+    run_tokens, run_time = 0, 0.0  # this invocation's training tokens and seconds (evaluation excluded)
+    bar = tqdm(range(start, end), initial=start, total=cfg["updates"], desc="updates", leave=False,
+               disable=rank != 0 or not sys.stderr.isatty())
+    net.train()
+    for update in bar:
+        began = time.perf_counter()
+        lr = lr_at(update, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        ids, targets = stream.take(members * cfg["batch_size"])  # the whole global batch, on every process
+        ids, targets = ids.view(members, cfg["batch_size"], -1), targets.view(members, cfg["batch_size"], -1)
+        counts = (targets != -100).flatten(1).sum(1).to(device).clamp(min=1)  # target tokens per member
+        ids, targets = ids[:, rank::world].to(device), targets[:, rank::world].to(device)  # this process's share
+        opt.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        for j in range(0, per_rank, micro):
+            x, y = ids[:, j:j + micro], targets[:, j:j + micro]
+            last = j + micro >= per_rank
+            with nullcontext() if last or world == 1 else forward.no_sync():  # all-reduce once, at the last
+                with autocast:
+                    logits = forward(x) if ensemble else forward(x[0])
+                    # Sec. 3: L = 1/M sum_i L_i, each L_i the mean NLL over the update's target tokens.
+                    loss = (head_nll_sums(logits, y) / counts).sum() * head_weight
+                (loss * world).backward()  # DDP averages over processes; the loss is already a global mean
+            loss_sum += loss.detach()
+        if world > 1:
+            dist.all_reduce(loss_sum)
+        if not torch.isfinite(loss_sum):  # before the step: the model and the last checkpoint stay good
+            raise FloatingPointError(f"loss is {loss_sum.item()} at update {update + 1}; the last good "
+                                     f"checkpoint is {out / 'last.pt'} (try a lower --lr)")
+        opt.step()
+        step = update + 1
+        if masks is not None:
+            masks.apply_(opt)
+            if masks.is_update_step(step):
+                masks.update(step, opt, sync)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        update_tokens, seconds = int(counts.sum()), time.perf_counter() - began
+        tokens += update_tokens
+        run_tokens, run_time = run_tokens + update_tokens, run_time + seconds
+        window = {"loss": window["loss"] + loss_sum.item(), "tokens": window["tokens"] + update_tokens,
+                  "time": window["time"] + seconds, "updates": window["updates"] + 1}
+        evaluate_now = step % cfg["eval_every"] == 0 or step == cfg["updates"]
+        if step % cfg["log_every"] and not evaluate_now and step != end:
+            continue
+        if rank == 0:
+            record = {"update": step, "tokens": tokens, "loss": window["loss"] / window["updates"], "lr": lr,
+                      "tokens_per_s": window["tokens"] / window["time"], "density": neurotrails.component_densities(net)}
+            if evaluate_now:
+                record.update(evaluate.perplexity(net, val_batches, autocast))
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            line = (f"update {step}/{cfg['updates']} | loss {record['loss']:.4f} | lr {lr:.3g} | "
+                    f"{record['tokens_per_s']:,.0f} tok/s")
+            if evaluate_now:
+                line += f" | ppl {record['ppl']:.2f} (logits {record['ppl_logits']:.2f}; heads " + \
+                        " ".join(f"{p:.2f}" for p in record["ppl_heads"]) + ")"
+            (print if bar.disable else tqdm.write)(line)
+            sys.stdout.flush()
+        window = {"loss": 0.0, "tokens": 0, "time": 0.0, "updates": 0}
+        if step % cfg["save_every"] == 0 or step == end:
+            if rank == 0:
+                save_checkpoint(out / "last.pt", {
+                    "config": cfg, "update": step, "tokens": tokens, "model": net.state_dict(),
+                    "optimizer": opt.state_dict(), "masks": masks.state_dict() if masks is not None else None,
+                    "rng": torch.get_rng_state(), "data": stream.state_dict(), **(save_state or {})})
+            if world > 1:
+                dist.barrier()
+    bar.close()
+    if record is not None:
+        record["run_tokens_per_s"] = run_tokens / max(run_time, 1e-9)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+
+
+def tokenizer_for(cfg, state=None):
+    """(tokenizer, its tokenizer.json text or None): from the checkpoint, trained, or loaded."""
+    if state is not None and state.get("tokenizer_json"):
+        return load_tokenizer(tokenizer_json=state["tokenizer_json"]), state["tokenizer_json"]
+    if cfg["train_tokenizer"] is not None:
+        text = train_tokenizer(text_files(cfg["data_dir"], "train"), cfg["train_tokenizer"])
+        return load_tokenizer(tokenizer_json=text), text
+    return load_tokenizer(cfg["tokenizer"]), None
+
+
+def run(cfg, resume=None):
+    """One configuration end to end; returns the last evaluation record plus cost figures."""
+    state = load_checkpoint(resume, cfg) if resume else None
+    source = document_source(cfg, "train")
+    tokenizer, tokenizer_json = tokenizer_for(cfg, state)
+    stream = TokenStream(source, tokenizer, cfg["seq_len"], cfg["pack"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    val_batches = validation_batches(cfg, tokenizer) if rank == 0 else None
+    net, masks, opt = build_run(cfg, len(tokenizer))
+    out = Path(cfg["out"])
+    start, tokens = 0, 0
+    if state is not None:
+        masks = restore(state, net, opt, stream)
+        start, tokens = state["update"], state["tokens"]
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if state is not None:
+            _truncate_log(out / "log.jsonl", start)
+        else:
+            (out / "log.jsonl").unlink(missing_ok=True)
+        if tokenizer_json:
+            (out / "tokenizer.json").write_text(tokenizer_json)
+        (out / "config.json").write_text(json.dumps(cfg, indent=1))
+        print("config " + json.dumps(cfg), flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+    record = train(cfg, net, masks, opt, stream, val_batches, start, tokens, {"tokenizer_json": tokenizer_json})
+    if rank != 0:
+        return None
+    if record is None or "ppl" not in record:  # resumed a finished run, or stopped between evaluations
+        record = dict(record or {}, **evaluate.perplexity(net, val_batches, torch.autocast(
+            cfg["device"].split(":")[0], torch.bfloat16, enabled=cfg["bf16"])))
+    record.update(evaluate.parameter_counts(net), **cost_vs_single(net, cfg, len(tokenizer)))
+    return record
+
+
+def _truncate_log(path, update):
+    """Keep the log lines up to `update` (a kill may have left later ones)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["update"] <= update]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def cost_vs_single(net, cfg, vocab_size):
+    """Inference FLOPs per sequence and as a ratio to the single dense base model."""
+    example = torch.zeros(1, cfg["seq_len"], dtype=torch.long, device=cfg["device"])
+    single = models.build(cfg["model"], vocab_size=vocab_size).to(cfg["device"])
+    base = evaluate.inference_flops(single, example)["dense"]
+    flops = evaluate.inference_flops(net, example)["sparse"]
+    return {"infer_flops": flops, "infer_flops_vs_single": flops / base}
+
+
+def load_for_eval(checkpoint, device=None):
+    """(network with the checkpoint's weights, tokenizer, config), for evaluate.py."""
+    state = load_checkpoint(checkpoint)
+    cfg = dict(state["config"], device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer, _ = tokenizer_for(cfg, state)
+    net, _, _ = build_run(cfg, len(tokenizer))
+    net.load_state_dict(state["model"])
+    return net.eval(), tokenizer, cfg
+
+
+def print_table(rows):
+    print(f"\n{'method':<12} {'ppl':>9} {'ppl logits':>10} {'ppl heads':>22} {'tok/s':>8} "
+          f"{'FLOPs vs single':>15} {'active params':>14}")
+    for method, r in rows.items():
+        heads = " ".join(f"{p:.1f}" for p in r["ppl_heads"])
+        print(f"{method:<12} {r['ppl']:>9.2f} {r['ppl_logits']:>10.2f} {heads:>22} {r.get('run_tokens_per_s', 0):>8,.0f} "
+              f"{r['infer_flops_vs_single']:>15.3f} {r['active_params']:>14,}")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv=None):
+    ap = Parser(description="Pretrain NeuroTrails or a baseline LLaMA on C4 (paper Sec. 4.2). Defaults are the "
+                "paper's recipe for --model; flags left unset take them.")
+    ap.add_argument("--model", default="llama-130m", help="base LLaMA: " + ", ".join(models.LLAMA_CONFIGS))
+    ap.add_argument("--method", default="neurotrails", choices=METHODS,
+                    help="neurotrails | single (dense, M=1) | treenet (dense heads) | ensemble (M full models) | "
+                         "static (sparse, no topology updates)")
+    ap.add_argument("--compare", default=None,
+                    help="comma-separated methods to train one after another, then print one comparison table")
+    ap.add_argument("--num-heads", type=int, default=3, help="M, heads or ensemble members (single: 1)")
+    ap.add_argument("--blocks-in-head", type=int, default=None,
+                    help="decoder layers per head (default: 8 for llama-130m, 16 for llama-350m, else 2/3 of L)")
+    ap.add_argument("--sparsity", type=float, default=0.1, help="S in [0, 1) of sparse methods (dense: 0)")
+    ap.add_argument("--allocation", default="global", choices=["global", "per-component"],
+                    help="ER solve over all tensors at once (released code; attention comes out dense at S=0.1) "
+                         "or per backbone / head (Alg. 1)")
+    ap.add_argument("--init", default="er", choices=["er", "uniform"], help="layerwise density rule")
+    ap.add_argument("--prune", default="soft-magnitude", choices=["soft-magnitude", "magnitude"],
+                    help="pruning: survivors sampled with probability ~ |w|^T (Zhang 2025), or smallest |w|")
+    ap.add_argument("--temperature", type=float, default=3.0, help="T, the soft-magnitude exponent")
+    ap.add_argument("--grow", default="rigl", choices=["rigl", "set"], help="regrowth: RigL (|grad|) or SET (random)")
+    ap.add_argument("--drop-fraction", type=float, default=0.5, help="p0, initial drop fraction (cosine to 0)")
+    ap.add_argument("--delta-t", type=int, default=50, help="updates between topology updates")
+    ap.add_argument("--updates", type=int, default=None,
+                    help="optimizer updates (default: 10,000 dense / 11,111 sparse for 130M; 40,000 / 44,444 for 350M)")
+    ap.add_argument("--batch-size", type=int, default=512, help="sequences per update (per ensemble member)")
+    ap.add_argument("--micro-batch-size", type=int, default=None,
+                    help="sequences per forward/backward on each process; gradients accumulate to --batch-size "
+                         "(default: the whole batch; sets memory use)")
+    ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (truncation)")
+    ap.add_argument("--pack", action="store_true",
+                    help="concatenate documents into full sequences instead of one truncated, padded document each")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (1.5e-3; llama-350m 5e-4)")
+    ap.add_argument("--warmup", type=float, default=0.1, help="fraction of the updates with linear warmup")
+    ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to this x lr")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    ap.add_argument("--dataset", default="c4", choices=["c4", "text"],
+                    help="c4: allenai/c4 'en' streamed from the hub, or local shards with --data-dir; "
+                         "text: paragraphs of the .txt/.md/.rst files under --data-dir")
+    ap.add_argument("--data-dir", default=None,
+                    help="c4: folder of c4-{train,validation}.*.json.gz shards; text: folder of text files "
+                         f"(every {VALIDATION_EVERY}th file, sorted by path, is the validation set)")
+    ap.add_argument("--tokenizer", default="t5-base", help="HF tokenizer name or local file/folder (default: t5-base)")
+    ap.add_argument("--train-tokenizer", type=int, default=None, metavar="N",
+                    help="instead of --tokenizer: train a byte-level BPE of N tokens on the training files "
+                         "(--dataset text; saved in the checkpoint and as OUT/tokenizer.json)")
+    ap.add_argument("--eval-tokens", type=int, default=10_000_000, help="validation target tokens (paper: 10M)")
+    ap.add_argument("--eval-every", type=int, default=1000, help="updates between validation perplexities")
+    ap.add_argument("--log-every", type=int, default=10, help="updates between log lines")
+    ap.add_argument("--save-every", type=int, default=1000, help="updates between checkpoints")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="save and exit after this many updates of this invocation (e.g. a job's time limit); "
+                         "continue with --resume OUT/last.pt")
+    ap.add_argument("--seed", type=int, default=0, help="seed of init, masks, DST sampling and data order")
+    ap.add_argument("--out", default=None, help="output folder (default: runs/lm-<model>-<method>-...)")
+    ap.add_argument("--resume", default=None, help="continue exactly from this last.pt")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 autocast (default: on with CUDA)")
+    return ap, ap.parse_args(argv)
+
+
+def init_distributed():
+    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on GPUs, gloo on CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def main(argv=None):
+    ap, args = parse_args(argv)
+    init_distributed()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    try:
+        methods = args.compare.split(",") if args.compare else [args.method]
+        bad = [m for m in methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"--compare: unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
+        rows = {}
+        for m in methods:
+            cfg = resolve_config(argparse.Namespace(**{**vars(args), "method": m, "out": args.out if not args.compare
+                                                       else None if args.out is None else f"{args.out}/{m}"}))
+            if args.compare:
+                print(f"\n== {m}", flush=True)
+            rows[m] = run(cfg, None if args.compare else args.resume)
+        if rank == 0:
+            print_table(rows)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

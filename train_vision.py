@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -334,24 +333,6 @@ def restore(state, net, opt, cfg):
 # The training loop
 
 
-class Members(nn.Module):
-    """Full-ensemble forward: member i on its own batch xs[i]; one module, so DDP can wrap it."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.heads = net.heads
-
-    def forward(self, xs):
-        return torch.stack([head(x) for head, x in zip(self.heads, xs)])
-
-
-def broadcast_mask(mask):
-    """Rank 0's mask on every process (gloo has no bool broadcast: go through uint8)."""
-    t = mask.to(torch.uint8)
-    dist.broadcast(t, 0)
-    return t.bool()
-
-
 def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0):
     """Train from start_epoch to cfg['epochs']; evaluate, log and checkpoint after every epoch.
 
@@ -361,11 +342,11 @@ def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0):
     out = Path(cfg["out"])
     device, members = cfg["device"], cfg["num_heads"] if cfg["method"] == "ensemble" else 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    forward = Members(net) if cfg["method"] == "ensemble" else net
+    forward = neurotrails.Members(net) if cfg["method"] == "ensemble" else net
     if world > 1:
         forward = DistributedDataParallel(forward, device_ids=[torch.cuda.current_device()]
                                           if device.startswith("cuda") else None)
-    sync = broadcast_mask if world > 1 else None
+    sync = sparsity.broadcast_mask if world > 1 else None
     steps_per_epoch = num_train(train_data) // cfg["batch_size"]
     prune_step = cfg["epochs"] * steps_per_epoch // 2  # pruning baseline: half-way
     autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=cfg["bf16"])
@@ -411,7 +392,7 @@ def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0):
         logits, labels = evaluate.predict(net, test_batches(test_data, 256, cfg["dataset"], device, cfg["workers"]))
         record = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": loss_sum.item() / steps_per_epoch,
                   **evaluate.summarize(logits, labels, cfg["aggregate"]),
-                  "density": component_densities(net), "epoch_time_s": train_time,
+                  "density": neurotrails.component_densities(net), "epoch_time_s": train_time,
                   "ms_per_step": 1000 * train_time / steps_per_epoch}
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -425,16 +406,6 @@ def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0):
         if world > 1:
             dist.barrier()
     return record
-
-
-def component_densities(net):
-    """Fraction of nonzero weights in the masked tensors of the backbone and each head."""
-    counts = {}
-    for name, w in neurotrails.masked_weights(net).items():
-        c = counts.setdefault(neurotrails.component(name), [0, 0])
-        c[0] += int(torch.count_nonzero(w))
-        c[1] += w.numel()
-    return {k: round(a / n, 6) for k, (a, n) in counts.items()}
 
 
 # ----------------------------------------------------------------------------------------------
