@@ -270,8 +270,8 @@ def resolve_config(args):
                          method == "ensemble")
     cfg["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg["bf16"] = cfg["device"].startswith("cuda") if args.bf16 is None else args.bf16
-    cfg["micro_batch_size"] = args.micro_batch_size or args.batch_size
     cfg["world_size"] = dist.get_world_size() if dist.is_initialized() else 1
+    cfg["micro_batch_size"] = min(args.micro_batch_size, max(1, args.batch_size // cfg["world_size"]))
     cfg["out"] = args.out or f"runs/lm-{args.model}-{method}-M{cfg['num_heads']}-S{cfg['sparsity']}-seed{args.seed}"
     validate(cfg)
     return cfg
@@ -600,9 +600,9 @@ def parse_args(argv=None):
     ap.add_argument("--updates", type=int, default=None,
                     help="optimizer updates (default: 10,000 dense / 11,111 sparse for 130M; 40,000 / 44,444 for 350M)")
     ap.add_argument("--batch-size", type=int, default=512, help="sequences per update (per ensemble member)")
-    ap.add_argument("--micro-batch-size", type=int, default=None,
-                    help="sequences per forward/backward on each process; gradients accumulate to --batch-size "
-                         "(default: the whole batch; sets memory use)")
+    ap.add_argument("--micro-batch-size", type=int, default=32,
+                    help="sequences per forward/backward on each process; gradients accumulate to --batch-size. "
+                         "Sets memory use: 32 fits llama-350m (M=3) on an 80 GB GPU, 64 llama-130m")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (truncation)")
     ap.add_argument("--pack", action="store_true",
                     help="concatenate documents into full sequences instead of one truncated, padded document each")
