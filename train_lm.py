@@ -42,8 +42,10 @@ import argparse
 import json
 import math
 import os
+import queue
 import socket
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -182,7 +184,9 @@ class TokenStream:
         seqs = []
         while len(seqs) < n and not self.done:
             texts = self._read(n - len(seqs) if not self.pack else self.docs_per_call)
-            ids = self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+            # one document per sequence: the tokenizer stops at seq_len tokens (C4 documents are long)
+            cut = {} if self.pack else {"truncation": True, "max_length": self.seq_len}
+            ids = self.tok(texts, add_special_tokens=False, **cut)["input_ids"] if texts else []
             for doc in ids:
                 doc = doc + [self.eos] if self.eos is not None else doc
                 if self.pack:
@@ -225,6 +229,34 @@ class TokenStream:
         self.epoch, self.carry = state["epoch"], list(state["carry"])
         self.docs, self.iterator, self.read_in_epoch = self.source(self.epoch), None, True
         self.docs.load_state_dict(state["docs"])
+
+
+class Prefetcher:
+    """stream.take(n) one batch ahead in a background thread, so that reading and tokenizing the
+    next batch overlaps this update's GPU work. Each batch comes with the stream's state after it:
+    `state` is the position to checkpoint (the batches consumed, not the ones read ahead)."""
+
+    def __init__(self, stream, n, depth=2):
+        self.state = stream.state_dict()
+        self.queue = queue.Queue(depth)
+        threading.Thread(target=self._produce, args=(stream, n), daemon=True).start()
+
+    def _produce(self, stream, n):
+        while True:
+            try:
+                item = (*stream.take(n), stream.state_dict())
+            except Exception as e:  # raised in the training loop instead
+                item = e
+            self.queue.put(item)
+            if isinstance(item, Exception):
+                return
+
+    def take(self):
+        item = self.queue.get()
+        if isinstance(item, Exception):
+            raise item
+        ids, targets, self.state = item
+        return ids, targets
 
 
 def validation_batches(cfg, tokenizer):
@@ -404,6 +436,7 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
                                           if device.startswith("cuda") else None)
     sync = sparsity.broadcast_mask if world > 1 else None
     autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=cfg["bf16"])
+    batches = Prefetcher(stream, members * cfg["batch_size"])  # the whole global batch, on every process
     micro, per_rank = cfg["micro_batch_size"], cfg["batch_size"] // world
     head_weight = 1.0 if ensemble else 1.0 / cfg["num_heads"]  # ensemble: sum of members; else mean of heads
     end = cfg["updates"] if not cfg["stop_after"] else min(cfg["updates"], start + cfg["stop_after"])
@@ -417,7 +450,7 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
         lr = lr_at(update, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        ids, targets = stream.take(members * cfg["batch_size"])  # the whole global batch, on every process
+        ids, targets = batches.take()
         ids, targets = ids.view(members, cfg["batch_size"], -1), targets.view(members, cfg["batch_size"], -1)
         counts = (targets != -100).flatten(1).sum(1).to(device).clamp(min=1)  # target tokens per member
         ids, targets = ids[:, rank::world].to(device), targets[:, rank::world].to(device)  # this process's share
@@ -474,7 +507,7 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
                 save_checkpoint(out / "last.pt", {
                     "config": cfg, "update": step, "tokens": tokens, "model": net.state_dict(),
                     "optimizer": opt.state_dict(), "masks": masks.state_dict() if masks is not None else None,
-                    "rng": torch.get_rng_state(), "data": stream.state_dict(), **(save_state or {})})
+                    "rng": torch.get_rng_state(), "data": batches.state, **(save_state or {})})
             if world > 1:
                 dist.barrier()
     bar.close()
