@@ -504,14 +504,46 @@ def lm_eval_main(argv):
         print(f"{task:<24} " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
+def _language_checkpoint(path):
+    """True for a train_lm.py checkpoint (read lazily: only its config is touched)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return models.is_language_model(state["config"]["model"])
+    except Exception:
+        return False  # the vision path reports what is wrong with it
+
+
+def _perplexity_main(args):
+    """evaluate.py --checkpoint on a train_lm.py checkpoint: perplexities on its validation data."""
+    import train_lm
+    try:
+        net, tokenizer, cfg = train_lm.load_for_eval(args.checkpoint)
+        if args.data_dir:
+            cfg["data_dir"] = args.data_dir
+        batches = train_lm.validation_batches(cfg, tokenizer)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    autocast = torch.autocast(cfg["device"].split(":")[0], torch.bfloat16, enabled=cfg["device"].startswith("cuda"))
+    result = {**perplexity(net, batches, autocast), **parameter_counts(net)}
+    if args.json:
+        print(json.dumps(result))
+        return
+    heads = " ".join(f"{p:.3f}" for p in result.pop("ppl_heads"))
+    print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
+          + f" | ppl_heads {heads}")
+
+
 def main():
     if sys.argv[1:2] == ["flops"]:
         return flops_main(sys.argv[2:])
     if sys.argv[1:2] == ["lm-eval"]:
         return lm_eval_main(sys.argv[2:])
     ap = argparse.ArgumentParser(description="Evaluate a saved train_vision.py checkpoint on its test set "
-                                 "(accuracy, NLL, ECE, disagreement, per-head accuracy, FLOPs), or plot a log.")
-    ap.add_argument("--checkpoint", help="a checkpoint written by train_vision.py")
+                                 "(accuracy, NLL, ECE, disagreement, per-head accuracy, FLOPs) or a train_lm.py "
+                                 "checkpoint on its validation tokens (perplexities), or plot a log. Subcommands: "
+                                 "`evaluate.py flops --help`, `evaluate.py lm-eval --help`.")
+    ap.add_argument("--checkpoint", help="a checkpoint written by train_vision.py or train_lm.py")
     ap.add_argument("--data-dir", default=None, help="dataset folder (default: the one stored in the checkpoint)")
     ap.add_argument("--batch-size", type=int, default=256, help="test batch size")
     ap.add_argument("--aggregate", default=None, choices=["probs", "logits"],
@@ -533,6 +565,8 @@ def main():
         if not args.history:
             ap.error("give --checkpoint and/or --history")
         return
+    if _language_checkpoint(args.checkpoint):
+        return _perplexity_main(args)
     import train_vision  # data loading and model rebuilding live with the training script
     names = list(CORRUPTIONS) if args.corruptions == "all" else (args.corruptions or "").split(",")
     try:

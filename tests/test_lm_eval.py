@@ -121,3 +121,13 @@ def test_cli_offline_without_local_tasks_fails_in_one_line(checkpoint, monkeypat
         evaluate.main()
     err = capsys.readouterr().err.strip()
     assert "cannot be reached" in err and len(err.splitlines()) == 1
+
+
+def test_evaluate_checkpoint_reports_the_logged_perplexity(checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["evaluate.py", "--checkpoint", str(checkpoint), "--json"])
+    evaluate.main()
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    logged = json.loads((checkpoint.parent / "log.jsonl").read_text().splitlines()[-1])
+    for key in ("ppl", "ppl_logits", "ppl_heads", "eval_tokens"):
+        assert result[key] == pytest.approx(logged[key], rel=1e-6), key
+    assert result["active_params"] < result["params"]
