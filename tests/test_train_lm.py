@@ -213,3 +213,29 @@ def test_mismatched_resume_and_nan_loss_lose_nothing(corpus, tmp_path, capsys):
     assert "loss is" in err and "last good checkpoint" in err and len(err.splitlines()) == 1
     state = torch.load(tmp_path / "nan" / "last.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_local_c4_shards_train_without_the_hub(corpus, tmp_path, monkeypatch):
+    """--data-dir with C4's own file layout (json.gz lines with text, timestamp, url)."""
+    import gzip
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    c4 = tmp_path / "c4"
+    c4.mkdir()
+    paragraphs = [p for f in sorted(corpus.glob("*.txt")) for p in f.read_text().split("\n\n")]
+    for name, part in (("c4-train.00000-of-00002.json.gz", paragraphs[:100]),
+                       ("c4-train.00001-of-00002.json.gz", paragraphs[100:200]),
+                       ("c4-validation.00000-of-00001.json.gz", paragraphs[200:])):
+        with gzip.open(c4 / name, "wt") as f:
+            for i, text in enumerate(part):
+                f.write(json.dumps({"text": text, "timestamp": "2019-04-25T12:57:54Z",
+                                    "url": f"https://example.org/{i}"}) + "\n")
+    tok = tmp_path / "tok.json"
+    tok.write_text(train_lm.train_tokenizer(sorted(corpus.glob("*.txt")), 400))
+    train_lm.main(["--data-dir", str(c4), "--tokenizer", str(tok), "--model", "llama-9m", "--seq-len", "32",
+                   "--batch-size", "4", "--updates", "3", "--eval-tokens", "300", "--log-every", "1",
+                   "--eval-every", "3", "--out", str(tmp_path / "out")])
+    rows = log(tmp_path / "out")
+    assert [r["update"] for r in rows] == [1, 2, 3] and rows[-1]["ppl"] < 400
+    state = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
+    assert 0 < rows[0]["tokens"] <= 4 * 31 and state["tokens"] == rows[-1]["tokens"]  # one document per sequence
+    assert state["config"]["dataset"] == "c4" and state["tokenizer_json"] is None
