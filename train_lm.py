@@ -168,8 +168,9 @@ class TokenStream:
     """Fixed-length token sequences from a document stream, with its exact position in state_dict().
 
     take(n) -> (inputs, targets), both (n, seq_len - 1): a sequence of seq_len tokens predicts its
-    last seq_len - 1 from the ones before; targets are -100 at padding. pack=False: one document per sequence, truncated and right-padded; pack=True:
-    documents concatenated and cut into full sequences. loop=False: stop at the end of the data.
+    last seq_len - 1 from the ones before; targets are -100 at padding. pack=False: one document
+    per sequence, truncated and right-padded; pack=True: documents concatenated (the stream's
+    unused tail is `carry`) and cut into full sequences. loop=False: stop at the end of the data.
     """
 
     def __init__(self, source, tokenizer, seq_len, pack, loop=True, docs_per_call=64):
@@ -183,6 +184,10 @@ class TokenStream:
     def take(self, n):
         seqs = []
         while len(seqs) < n and not self.done:
+            if self.pack and len(self.carry) >= self.seq_len:
+                seqs.append(self.carry[:self.seq_len])
+                self.carry = self.carry[self.seq_len:]
+                continue
             texts = self._read(n - len(seqs) if not self.pack else self.docs_per_call)
             # one document per sequence: the tokenizer stops at seq_len tokens (C4 documents are long)
             cut = {} if self.pack else {"truncation": True, "max_length": self.seq_len}
@@ -193,9 +198,6 @@ class TokenStream:
                     self.carry += doc
                 elif len(doc) >= 2:  # a sequence needs at least one target
                     seqs.append(doc[:self.seq_len])
-            while self.pack and len(self.carry) >= self.seq_len and len(seqs) < n:
-                seqs.append(self.carry[:self.seq_len])
-                self.carry = self.carry[self.seq_len:]
         ids = torch.full((len(seqs), self.seq_len), self.pad, dtype=torch.long)
         targets = torch.full((len(seqs), self.seq_len - 1), -100, dtype=torch.long)
         for i, s in enumerate(seqs):
