@@ -183,11 +183,13 @@ class TokenStream:
 
     def take(self, n):
         seqs = []
-        while len(seqs) < n and not self.done:
+        while len(seqs) < n:
             if self.pack and len(self.carry) >= self.seq_len:
                 seqs.append(self.carry[:self.seq_len])
                 self.carry = self.carry[self.seq_len:]
                 continue
+            if self.done:
+                break
             texts = self._read(n - len(seqs) if not self.pack else self.docs_per_call)
             # one document per sequence: the tokenizer stops at seq_len tokens (C4 documents are long)
             cut = {} if self.pack else {"truncation": True, "max_length": self.seq_len}
@@ -265,11 +267,12 @@ def validation_batches(cfg, tokenizer):
     """The first --eval-tokens target tokens of the validation data, as micro-batches (kept in memory)."""
     stream = TokenStream(document_source(cfg, "validation"), tokenizer, cfg["seq_len"], cfg["pack"], loop=False)
     batches, count = [], 0
-    while count < cfg["eval_tokens"] and not stream.done:
+    while count < cfg["eval_tokens"]:
         ids, targets = stream.take(cfg["micro_batch_size"])
-        if len(ids):
-            batches.append((ids, targets))
-            count += int((targets != -100).sum())
+        if not len(ids):  # the end of the validation data
+            break
+        batches.append((ids, targets))
+        count += int((targets != -100).sum())
     if not count:
         raise ValueError("the validation data holds no text")
     return batches
