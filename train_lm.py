@@ -42,10 +42,8 @@ import argparse
 import json
 import math
 import os
-import queue
 import socket
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -72,7 +70,7 @@ DEFAULT_RECIPE = RECIPES["llama-130m"]
 METHODS = ("neurotrails", "single", "treenet", "ensemble", "static")
 # Config keys that may differ between a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = {"data_dir", "out", "device", "bf16", "world_size", "stop_after", "eval_every",
-                     "log_every", "save_every"}
+                     "log_every", "save_every", "data_workers"}
 VALIDATION_EVERY = 20  # --dataset text: every 20th file (sorted by path) is held out for validation
 
 
@@ -83,7 +81,8 @@ VALIDATION_EVERY = 20  # --dataset text: every 20th file (sorted by path) is hel
 def hub_reachable():
     """False at once when offline mode is set or the hub's host does not resolve/connect, so that a
     missing dataset or tokenizer fails in seconds instead of after minutes of retries."""
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+    flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in flags):
         return False
     from huggingface_hub import constants
     host = urlparse(constants.ENDPOINT).hostname
@@ -235,28 +234,39 @@ class TokenStream:
         self.docs.load_state_dict(state["docs"])
 
 
-class Prefetcher:
-    """stream.take(n) one batch ahead in a background thread, so that reading and tokenizing the
-    next batch overlaps this update's GPU work. Each batch comes with the stream's state after it:
-    `state` is the position to checkpoint (the batches consumed, not the ones read ahead)."""
+class Batches(torch.utils.data.IterableDataset):
+    """stream.take(n) forever, each batch with the stream's state after it (the position to
+    checkpoint: the batches consumed, not the ones read ahead). An error is passed on as an item,
+    so that it reaches the training loop as itself."""
 
-    def __init__(self, stream, n, depth=2):
-        self.state = stream.state_dict()
-        self.queue = queue.Queue(depth)
-        threading.Thread(target=self._produce, args=(stream, n), daemon=True).start()
+    def __init__(self, stream, n):
+        self.stream, self.n = stream, n
 
-    def _produce(self, stream, n):
+    def __iter__(self):
         while True:
             try:
-                item = (*stream.take(n), stream.state_dict())
-            except Exception as e:  # raised in the training loop instead
-                item = e
-            self.queue.put(item)
-            if isinstance(item, Exception):
+                ids, targets = self.stream.take(self.n)
+            except Exception as e:
+                yield e
                 return
+            yield ids, targets, self.stream.state_dict()
+
+
+class Prefetcher:
+    """Batches made ahead in --data-workers DataLoader worker processes (0: in this process, in
+    turn with training), so that reading and tokenizing text neither waits for nor slows the GPU:
+    a thread here would hold the interpreter lock the training loop needs to launch kernels."""
+
+    def __init__(self, stream, n, workers=1):
+        self.state = stream.state_dict()
+        # fork: the worker inherits the stream as it is (its document source is a closure)
+        loader = torch.utils.data.DataLoader(Batches(stream, n), batch_size=None, num_workers=min(workers, 1),
+                                             prefetch_factor=2 if workers else None,
+                                             multiprocessing_context="fork" if workers else None)
+        self.iterator = iter(loader)
 
     def take(self):
-        item = self.queue.get()
+        item = next(self.iterator)
         if isinstance(item, Exception):
             raise item
         ids, targets, self.state = item
@@ -441,7 +451,8 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
                                           if device.startswith("cuda") else None)
     sync = sparsity.broadcast_mask if world > 1 else None
     autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=cfg["bf16"])
-    batches = Prefetcher(stream, members * cfg["batch_size"])  # the whole global batch, on every process
+    # the whole global batch, on every process
+    batches = Prefetcher(stream, members * cfg["batch_size"], cfg["data_workers"])
     micro, per_rank = cfg["micro_batch_size"], cfg["batch_size"] // world
     head_weight = 1.0 if ensemble else 1.0 / cfg["num_heads"]  # ensemble: sum of members; else mean of heads
     end = cfg["updates"] if not cfg["stop_after"] else min(cfg["updates"], start + cfg["stop_after"])
@@ -494,7 +505,8 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
             continue
         if rank == 0:
             record = {"update": step, "tokens": tokens, "loss": window["loss"] / window["updates"], "lr": lr,
-                      "tokens_per_s": window["tokens"] / window["time"], "density": neurotrails.component_densities(net)}
+                      "tokens_per_s": window["tokens"] / window["time"],
+                      "density": neurotrails.component_densities(net)}
             if evaluate_now:
                 record.update(evaluate.perplexity(net, val_batches, autocast))
             with open(out / "log.jsonl", "a") as f:
@@ -602,7 +614,8 @@ def print_table(rows):
           f"{'FLOPs vs single':>15} {'active params':>14}")
     for method, r in rows.items():
         heads = " ".join(f"{p:.1f}" for p in r["ppl_heads"])
-        print(f"{method:<12} {r['ppl']:>9.2f} {r['ppl_logits']:>10.2f} {heads:>22} {r.get('run_tokens_per_s', 0):>8,.0f} "
+        speed = r.get("run_tokens_per_s", 0)  # 0: nothing trained in this invocation
+        print(f"{method:<12} {r['ppl']:>9.2f} {r['ppl_logits']:>10.2f} {heads:>22} {speed:>8,.0f} "
               f"{r['infer_flops_vs_single']:>15.3f} {r['active_params']:>14,}")
 
 
@@ -658,6 +671,8 @@ def parse_args(argv=None):
     ap.add_argument("--train-tokenizer", type=int, default=None, metavar="N",
                     help="instead of --tokenizer: train a byte-level BPE of N tokens on the training files "
                          "(--dataset text; saved in the checkpoint and as OUT/tokenizer.json)")
+    ap.add_argument("--data-workers", type=int, default=1, choices=[0, 1],
+                    help="1: read and tokenize the next batches in a worker process (default); 0: in this process")
     ap.add_argument("--eval-tokens", type=int, default=10_000_000, help="validation target tokens (paper: 10M)")
     ap.add_argument("--eval-every", type=int, default=1000, help="updates between validation perplexities")
     ap.add_argument("--log-every", type=int, default=10, help="updates between log lines")

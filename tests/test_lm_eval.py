@@ -71,7 +71,8 @@ def test_greedy_flag_is_true_exactly_for_the_ensembles_argmax_continuation(check
 def test_rolling_loglikelihood_sums_disjoint_windows(checkpoint):
     net, tok, cfg = train_lm.load_for_eval(checkpoint, "cpu")
     text = "Return a new list of strings. " * 6  # longer than one window of seq_len - 1 = 31 tokens
-    short = evaluate.harness_model(net, tok, 31).loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    lm = evaluate.harness_model(net, tok, 31)
+    short = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
     ids = [tok.eos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > 40
     expected = sum(lp for lp, _ in evaluate.score_continuations(net, [(ids[s - 1:s], ids[s:s + 31])
