@@ -3,7 +3,9 @@
     python train_lm.py --model llama-130m                          # the paper's LLaMA-130M run
     python train_lm.py --model llama-350m                          # the 350M recipe
     python train_lm.py --dataset text --data-dir /usr/share/doc/python3.11/html/_sources \\
-        --train-tokenizer 4096 --model llama-9m ... --compare single,treenet,neurotrails  # offline
+        --train-tokenizer 4096 --model llama-9m --seq-len 128 --batch-size 16 --pack --updates 150 \\
+        --delta-t 25 --eval-tokens 50000 --eval-every 50 --log-every 25 \\
+        --compare single,treenet,neurotrails                       # offline quick run, ~4.5 min on 2 cores
 
 Paper map (arXiv 2505.17909):
   Sec. 4.2, App. E.2, Table 10  recipe: Adam, lr, warmup + cosine, 512 seqs, S=0.1  -> RECIPES, resolve_config()
@@ -22,7 +24,8 @@ tokenized on the fly; each document is followed by EOS. Default (the released co
 per sequence, truncated to --seq-len and right-padded, padding ignored by the loss. --pack
 concatenates documents and cuts the stream into full sequences instead. Every process reads the
 whole global batch and keeps its own share of it (sequences rank, rank + world, ...), so the
-data of an update does not depend on the number of processes.
+data of an update does not depend on the number of processes. Batches are read and tokenized
+ahead in a DataLoader worker process (--data-workers 0: in the training process).
 
 Loss of an update: mean over heads of the token-summed cross-entropy, divided by the number of
 target tokens in the whole update (all micro-batches, all processes), so gradient accumulation and
