@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 import warnings
 
@@ -482,8 +481,7 @@ def lm_eval_main(argv):
     import train_lm  # model rebuilding and the tokenizer live with the training script
     try:
         net, tokenizer, config = train_lm.load_for_eval(args.checkpoint, args.device)
-        offline = any(os.environ.get(v) for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-        if not args.include_path and not offline and not train_lm.hub_reachable():
+        if not args.include_path and not train_lm.offline_mode() and not train_lm.hub_reachable():
             raise ValueError("lm-eval tasks load their data from the HuggingFace hub, which cannot be reached; "
                              "set HF_DATASETS_OFFLINE=1 to use a local datasets cache, or --include-path for local tasks")
         import lm_eval
@@ -524,8 +522,7 @@ def _perplexity_main(args):
     except (ValueError, FileNotFoundError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(1)
-    autocast = torch.autocast(cfg["device"].split(":")[0], torch.bfloat16, enabled=cfg["device"].startswith("cuda"))
-    result = {**perplexity(net, batches, autocast), **parameter_counts(net)}
+    result = {**perplexity(net, batches, train_lm.bf16_autocast(cfg)), **parameter_counts(net)}
     if args.json:
         print(json.dumps(result))
         return

@@ -81,11 +81,16 @@ VALIDATION_EVERY = 20  # --dataset text: every 20th file (sorted by path) is hel
 # Tokenizer and documents
 
 
+def offline_mode():
+    """HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set: only local files and caches may be used."""
+    flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in flags)
+
+
 def hub_reachable():
     """False at once when offline mode is set or the hub's host does not resolve/connect, so that a
     missing dataset or tokenizer fails in seconds instead of after minutes of retries."""
-    flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in flags):
+    if offline_mode():
         return False
     from huggingface_hub import constants
     host = urlparse(constants.ENDPOINT).hostname
@@ -428,6 +433,11 @@ def restore(state, net, opt, stream):
 # The training loop
 
 
+def bf16_autocast(cfg):
+    """bf16 autocast on the run's device when --bf16 is on (a no-op context otherwise)."""
+    return torch.autocast(cfg["device"].split(":")[0], torch.bfloat16, enabled=cfg["bf16"])
+
+
 def head_nll_sums(logits, targets):
     """Token-summed cross-entropy of each head (M,): logits (M, B, T, V), targets (M or 1, B, T)."""
     num_heads, vocab = logits.shape[0], logits.shape[-1]
@@ -453,7 +463,7 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
         forward = DistributedDataParallel(forward, device_ids=[torch.cuda.current_device()]
                                           if device.startswith("cuda") else None)
     sync = sparsity.broadcast_mask if world > 1 else None
-    autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=cfg["bf16"])
+    autocast = bf16_autocast(cfg)
     # the whole global batch, on every process
     batches = Prefetcher(stream, members * cfg["batch_size"], cfg["data_workers"])
     micro, per_rank = cfg["micro_batch_size"], cfg["batch_size"] // world
@@ -580,8 +590,7 @@ def run(cfg, resume=None):
     if rank != 0:
         return None
     if record is None or "ppl" not in record:  # resumed a finished run, or stopped between evaluations
-        record = dict(record or {}, **evaluate.perplexity(net, val_batches, torch.autocast(
-            cfg["device"].split(":")[0], torch.bfloat16, enabled=cfg["bf16"])))
+        record = dict(record or {}, **evaluate.perplexity(net, val_batches, bf16_autocast(cfg)))
     record.update(evaluate.parameter_counts(net), **cost_vs_single(net, cfg, len(tokenizer)))
     return record
 
@@ -605,7 +614,8 @@ def cost_vs_single(net, cfg, vocab_size):
 def load_for_eval(checkpoint, device=None):
     """(network with the checkpoint's weights, tokenizer, config), for evaluate.py."""
     state = load_checkpoint(checkpoint)
-    cfg = dict(state["config"], device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = dict(state["config"], device=device, bf16=device.startswith("cuda"))
     tokenizer, _ = tokenizer_for(cfg, state)
     net, _, _ = build_run(cfg, len(tokenizer))
     net.load_state_dict(state["model"])
