@@ -32,6 +32,7 @@ import json
 import math
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 
 import models
 import neurotrails
+from neurotrails import float_in, int_in
 
 # ----------------------------------------------------------------------------------------------
 # Metrics (pure functions)
@@ -408,7 +410,13 @@ def plot_history(jsonl_path, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in open(jsonl_path)]
+    try:
+        rows = [json.loads(line) for line in open(jsonl_path) if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"--history {jsonl_path}: not a JSONL log (one JSON object per line)") from None
+    if not rows or any(k not in rows[0] for k in ("epoch", "acc", "pd_any", "pd_pairwise")):
+        raise ValueError(f"--history {jsonl_path}: not a train_vision.py log (one JSON object per epoch "
+                         "with epoch, acc, pd_any, pd_pairwise)")
     epochs = [r["epoch"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(epochs, [100 * r["acc"] for r in rows], label="ensemble accuracy (%)")
@@ -426,24 +434,22 @@ def plot_history(jsonl_path, path):
 
 
 def flops_main(argv):
-    ap = argparse.ArgumentParser(prog="evaluate.py flops", description="Inference and training FLOPs and "
-                                 "parameters of a configuration, and their ratios to the single dense model "
-                                 "(App. F; RigL App. H). Nothing is trained or allocated.")
+    ap = neurotrails.Parser(prog="evaluate.py flops", description="Inference and training FLOPs and "
+                            "parameters of a configuration, and their ratios to the single dense model "
+                            "(App. F; RigL App. H). Nothing is trained or allocated.")
     ap.add_argument("--model", default="wrn28-10", help="base network: " + ", ".join(models.model_names()))
-    ap.add_argument("--num-heads", type=int, default=3, help="M (1: single model)")
-    ap.add_argument("--blocks-in-head", type=int, default=None, help="|F_h| (default: the paper's value)")
-    ap.add_argument("--sparsity", type=float, default=0.0, help="S in [0, 1)")
-    ap.add_argument("--allocation", default="global", choices=["global", "per-component"], help="ER solve scope")
-    ap.add_argument("--init", default="er", choices=["er", "uniform"], help="layerwise density rule")
+    neurotrails.add_arguments(ap, 0.0, " (default: 0, dense)")
     ap.add_argument("--full-ensemble", action="store_true", help="M independent full models")
-    ap.add_argument("--num-classes", type=int, default=100, help="classes of a vision model")
-    ap.add_argument("--image-size", type=int, default=32, help="input height = width (ImageNet: 224)")
-    ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence of a LLaMA model")
-    ap.add_argument("--epochs", type=float, default=1, help="epochs (or update steps x batch / examples) of this run")
-    ap.add_argument("--single-epochs", type=float, default=1, help="epochs of the single dense reference run")
-    ap.add_argument("--train-examples", type=int, default=1, help="examples per epoch (CIFAR-100: 50000)")
-    ap.add_argument("--delta-t", type=int, default=100, help="steps between RigL updates (0: static)")
-    ap.add_argument("--batch-size", type=int, default=128, help="examples per training step")
+    ap.add_argument("--num-classes", type=int_in(1), default=100, help="classes of a vision model")
+    ap.add_argument("--image-size", type=int_in(8, 4096), default=32, help="input height = width (ImageNet: 224)")
+    ap.add_argument("--seq-len", type=int_in(1, 1 << 20), default=256, help="tokens per sequence of a LLaMA model")
+    ap.add_argument("--epochs", type=float_in(0, lo_open=True), default=1,
+                    help="epochs (or update steps x batch / examples) of this run, > 0")
+    ap.add_argument("--single-epochs", type=float_in(0, lo_open=True), default=1,
+                    help="epochs of the single dense reference run, > 0")
+    ap.add_argument("--train-examples", type=int_in(1), default=1, help="examples per epoch (CIFAR-100: 50000)")
+    ap.add_argument("--delta-t", type=int_in(0), default=100, help="steps between RigL updates (0: static)")
+    ap.add_argument("--batch-size", type=int_in(1), default=128, help="examples per training step")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     try:
@@ -451,8 +457,7 @@ def flops_main(argv):
                               args.init, args.full_ensemble, args.num_classes, args.image_size, args.seq_len,
                               args.epochs, args.single_epochs, args.train_examples, args.delta_t, args.batch_size)
     except ValueError as e:
-        print(f"evaluate.py flops: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        ap.error(str(e))
     if args.json:
         print(json.dumps(report))
     else:
@@ -464,33 +469,44 @@ PAPER_TASKS = "mmlu,boolq,arc_easy,piqa,hellaswag,openbookqa,winogrande"  # Tabl
 
 
 def lm_eval_main(argv):
-    ap = argparse.ArgumentParser(prog="evaluate.py lm-eval", description="Zero-shot downstream accuracy of a "
-                                 "train_lm.py checkpoint through lm-eval-harness (paper Table 5), scored with the "
-                                 "ensemble's log-probabilities. The tasks' data come from the HuggingFace hub.")
+    ap = neurotrails.Parser(prog="evaluate.py lm-eval", description="Zero-shot downstream accuracy of a "
+                            "train_lm.py checkpoint through lm-eval-harness (paper Table 5), scored with the "
+                            "ensemble's log-probabilities. The tasks' data come from the HuggingFace hub.")
     ap.add_argument("--checkpoint", required=True, help="a last.pt written by train_lm.py")
     ap.add_argument("--tasks", default=PAPER_TASKS, help=f"comma-separated lm-eval task names (default: {PAPER_TASKS})")
-    ap.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAML files (e.g. local data)")
-    ap.add_argument("--num-fewshot", type=int, default=0, help="in-context examples (paper: 0)")
-    ap.add_argument("--limit", type=int, default=None, help="at most this many documents per task (a quick look)")
-    ap.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    ap.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAML files (e.g. local data). "
+                    "A task file can run Python code (!function entries): include only folders you trust")
+    ap.add_argument("--num-fewshot", type=int_in(0), default=0, help="in-context examples (paper: 0)")
+    ap.add_argument("--limit", type=int_in(1), default=None, help="at most this many documents per task (a quick look)")
+    ap.add_argument("--batch-size", type=int_in(1), default=16, help="sequences per forward pass")
     ap.add_argument("--aggregate", default="probs", choices=["probs", "logits"],
                     help="ensemble rule: mean of probabilities (paper) or of logits (released code)")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     ap.add_argument("--json", action="store_true", help="print the harness' per-task results as one JSON object")
     args = ap.parse_args(argv)
     import train_lm  # model rebuilding and the tokenizer live with the training script
-    try:
+    try:  # every flag first, then the checkpoint, then the hub: a typo fails in seconds
+        tasks = [t for t in args.tasks.split(",") if t]
+        if not tasks:
+            raise ValueError("--tasks: give at least one task name")
+        if args.include_path and not Path(args.include_path).is_dir():
+            raise ValueError(f"--include-path {args.include_path}: no such folder")
+        if args.device:
+            neurotrails.check_device(args.device)
         net, tokenizer, config = train_lm.load_for_eval(args.checkpoint, args.device)
+        from lm_eval.tasks import TaskManager
+        manager = TaskManager(include_path=args.include_path)  # indexes every task: ~10 s
+        unknown = [t for t in tasks if not manager.match_tasks([t])]
+        if unknown:
+            raise ValueError(f"--tasks: unknown lm-eval task {unknown[0]!r} (see `lm_eval ls tasks`)")
         if not args.include_path and not train_lm.offline_mode() and not train_lm.hub_reachable():
             raise ValueError("lm-eval tasks load their data from the HuggingFace hub, which cannot be reached; "
                              "set HF_DATASETS_OFFLINE=1 to use a local datasets cache, or --include-path for local tasks")
         import lm_eval
-        from lm_eval.tasks import TaskManager
         model = harness_model(net, tokenizer, config["seq_len"] - 1, args.batch_size, args.aggregate)
-        results = lm_eval.simple_evaluate(model=model, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot,
-                                          limit=args.limit, task_manager=TaskManager(include_path=args.include_path),
-                                          log_samples=False, bootstrap_iters=0)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+        results = lm_eval.simple_evaluate(model=model, tasks=tasks, num_fewshot=args.num_fewshot,
+                                          limit=args.limit, task_manager=manager, log_samples=False, bootstrap_iters=0)
+    except (ValueError, OSError, KeyError) as e:
         print(f"evaluate.py lm-eval: error: {e}", file=sys.stderr)
         sys.exit(1)
     table = {task: {k.split(",")[0]: v for k, v in r.items() if isinstance(v, float)}
@@ -503,10 +519,10 @@ def lm_eval_main(argv):
 
 
 def _language_checkpoint(path):
-    """True for a train_lm.py checkpoint (read lazily: only its config is touched)."""
+    """True for a train_lm.py checkpoint (read lazily: only its keys are touched)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return models.is_language_model(state["config"]["model"])
+        return neurotrails.checkpoint_script(state) == "train_lm.py"
     except Exception:
         return False  # the vision path reports what is wrong with it
 
@@ -519,7 +535,7 @@ def _perplexity_main(args):
         if args.data_dir:
             cfg["data_dir"] = args.data_dir
         batches = train_lm.validation_batches(cfg, tokenizer)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(1)
     result = {**perplexity(net, batches, train_lm.bf16_autocast(cfg)), **parameter_counts(net)}
@@ -536,13 +552,14 @@ def main():
         return flops_main(sys.argv[2:])
     if sys.argv[1:2] == ["lm-eval"]:
         return lm_eval_main(sys.argv[2:])
-    ap = argparse.ArgumentParser(description="Evaluate a saved train_vision.py checkpoint on its test set "
+    ap = neurotrails.Parser(prog="evaluate.py", description="Evaluate a saved train_vision.py checkpoint on its test set "
                                  "(accuracy, NLL, ECE, disagreement, per-head accuracy, FLOPs) or a train_lm.py "
                                  "checkpoint on its validation tokens (perplexities), or plot a log. Subcommands: "
                                  "`evaluate.py flops --help`, `evaluate.py lm-eval --help`.")
     ap.add_argument("--checkpoint", help="a checkpoint written by train_vision.py or train_lm.py")
-    ap.add_argument("--data-dir", default=None, help="dataset folder (default: the one stored in the checkpoint)")
-    ap.add_argument("--batch-size", type=int, default=256, help="test batch size")
+    ap.add_argument("--data-dir", default=None, help="dataset folder (default: the one stored in the checkpoint, "
+                    "read only: nothing is downloaded or unpacked there unless --data-dir names it)")
+    ap.add_argument("--batch-size", type=int_in(1), default=256, help="test batch size")
     ap.add_argument("--aggregate", default=None, choices=["probs", "logits"],
                     help="ensemble rule (default: the checkpoint's): mean of probabilities or of logits")
     ap.add_argument("--plot", default=None, help="write a reliability diagram PNG here")
@@ -555,12 +572,21 @@ def main():
     ap.add_argument("--image-folder", default=None,
                     help="evaluate on this ImageFolder (one folder per class, e.g. ImageNet-Sketch) instead")
     args = ap.parse_args()
-    if args.history:
-        plot_history(args.history, args.history_plot)
-        print(f"wrote {args.history_plot}")
+    if not args.checkpoint and not args.history:
+        ap.error("give --checkpoint and/or --history")
+    try:  # every output path before any work
+        if args.plot:
+            neurotrails.check_writable_file(args.plot, "--plot")
+        if args.history:
+            if not Path(args.history).is_file():
+                raise ValueError(f"--history {args.history}: no such log file")
+            neurotrails.check_writable_file(args.history_plot, "--history-plot")
+            plot_history(args.history, args.history_plot)
+            print(f"wrote {args.history_plot}")
+    except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
     if not args.checkpoint:
-        if not args.history:
-            ap.error("give --checkpoint and/or --history")
         return
     if _language_checkpoint(args.checkpoint):
         return _perplexity_main(args)

@@ -41,6 +41,7 @@ from tqdm import tqdm
 import evaluate
 import models
 import neurotrails
+from neurotrails import int_in
 
 # Paper Table 7 (items/s, DeepSparse, batch size not stated): throughput relative to single dense.
 PAPER_TABLE7 = {"single": 1.0, "nt:0.8": 26.46 / 55.81, "nt:0.95": 52.05 / 55.81, "nt:0.99": 68.64 / 55.81,
@@ -64,34 +65,38 @@ class Vote(nn.Module):
 
 def variant_net(variant, model, num_heads, blocks_in_head, allocation, num_classes, in_channels, seed=0):
     """A network for a variant name: single | ensemble | treenet | nt:<sparsity>."""
+    sparsity_ = variant_sparsity(variant)
     torch.manual_seed(seed)
     kwargs = dict(num_classes=num_classes, in_channels=in_channels)
     if variant == "single":
         return neurotrails.build(model, 1, None, **kwargs)
     if variant == "ensemble":
         return neurotrails.build(model, num_heads, None, True, **kwargs)
-    if variant == "treenet":
-        return neurotrails.build(model, num_heads, blocks_in_head, **kwargs)
-    if variant.startswith("nt:"):
-        try:
-            s = float(variant[3:])
-        except ValueError:
-            raise ValueError(f"--variants: {variant!r} is not nt:<sparsity>") from None
-        net = neurotrails.build(model, num_heads, blocks_in_head, **kwargs)
-        neurotrails.build_masks(net, s, allocation, "er", seed)
-        return net
-    raise ValueError(f"--variants: unknown variant {variant!r}; use single, ensemble, treenet or nt:<sparsity>")
+    net = neurotrails.build(model, num_heads, blocks_in_head, **kwargs)
+    if sparsity_ > 0:  # nt:S
+        neurotrails.build_masks(net, sparsity_, allocation, "er", seed)
+    return net
+
+
+def variant_sparsity(variant):
+    """S of a variant name: 0 for single / ensemble / treenet, S of nt:S; ValueError otherwise."""
+    if variant in ("single", "ensemble", "treenet"):
+        return 0.0
+    if not variant.startswith("nt:"):
+        raise ValueError(f"--variants: unknown variant {variant!r}; use single, ensemble, treenet or nt:<sparsity>")
+    try:
+        s = float(variant[3:])
+    except ValueError:
+        raise ValueError(f"--variants: {variant!r} is not nt:<sparsity>") from None
+    if not 0 < s < 1:  # also refuses nan and inf
+        raise ValueError(f"--variants: the sparsity of {variant!r} must be in (0, 1)")
+    return s
 
 
 def net_from_checkpoint(path):
     """A train_vision.py checkpoint -> (network with its weights, aggregate, input shape)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--checkpoint {path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = state["config"]
-    except Exception as e:
-        raise ValueError(f"--checkpoint {path}: not a train_vision.py checkpoint ({type(e).__name__})") from None
+    state = neurotrails.load_checkpoint(path, "train_vision.py", "--checkpoint")
+    cfg = state["config"]
     classes = {"cifar100": 100, "tinyimagenet": 200, "imagenet": 1000, "fashion-mnist": 10}[cfg["dataset"]]
     channels = 1 if cfg["dataset"] == "fashion-mnist" else 3
     net = neurotrails.build(cfg["model"], cfg["num_heads"], cfg["blocks_in_head"], cfg["method"] == "ensemble",
@@ -244,14 +249,9 @@ def print_results(results, batch_size, threads, paper=None):
 # Command line
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv=None):
-    ap = Parser(description="Export NeuroTrails to ONNX and benchmark CPU inference (paper Sec. 5.4, Table 7).")
+    ap = neurotrails.Parser(prog="export_bench.py", description="Export NeuroTrails to ONNX and benchmark CPU "
+                            "inference (paper Sec. 5.4, Table 7).")
     sub = ap.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="write one ONNX graph (soft vote inside) and check it")
     ex.add_argument("--checkpoint", help="a train_vision.py checkpoint (else build from --model ...)")
@@ -259,19 +259,15 @@ def parse_args(argv=None):
     for p in (ex, sub.add_parser("bench", help="throughput / latency of several variants, interleaved"),
               sub.add_parser("table7", help="the paper's Table 7 set on WRN-28-10, beside its ratios")):
         p.add_argument("--model", default="wrn28-10", help="base network (vision): " + ", ".join(models.model_names()[:3]))
-        p.add_argument("--num-heads", type=int, default=3, help="M")
-        p.add_argument("--blocks-in-head", type=int, default=None, help="|F_h| (default: the paper's, 8 for WRN-28-10)")
-        p.add_argument("--allocation", default="global", choices=["global", "per-component"],
-                       help="ER solve over all tensors (released code) or per backbone / head")
-        p.add_argument("--num-classes", type=int, default=100, help="classes (CIFAR-100: 100)")
-        p.add_argument("--image-size", type=int, default=32, help="input height = width")
-        if p.prog.endswith("export"):
-            p.add_argument("--sparsity", type=float, default=0.0, help="S of a fresh model (0: dense)")
+        neurotrails.add_arguments(p, 0.0, " of a fresh model (default: 0, dense)", with_sparsity=p is ex)
+        p.add_argument("--num-classes", type=int_in(1), default=100, help="classes (CIFAR-100: 100)")
+        p.add_argument("--image-size", type=int_in(8, 4096), default=32, help="input height = width")
+        if p is ex:
             p.add_argument("--full-ensemble", action="store_true", help="M independent full models")
         else:
-            p.add_argument("--batch-size", type=int, default=64, help="items per batch (1 for latency)")
-            p.add_argument("--threads", type=int, default=0, help="CPU threads / cores (0: all)")
-            p.add_argument("--rounds", type=int, default=10, help="timed rounds per variant, after 2 warm-up")
+            p.add_argument("--batch-size", type=int_in(1), default=64, help="items per batch (1 for latency)")
+            p.add_argument("--threads", type=int_in(0, 1024), default=0, help="CPU threads / cores (0: all)")
+            p.add_argument("--rounds", type=int_in(1), default=10, help="timed rounds per variant, after 2 warm-up")
             p.add_argument("--engines", default="deepsparse,onnxruntime",
                            help="comma-separated: deepsparse, onnxruntime")
     sub.choices["bench"].add_argument("--variants", nargs="+", default=["single", "ensemble", "nt:0.8", "nt:0.95"],
@@ -283,6 +279,7 @@ def main(argv=None):
     ap, args = parse_args(argv)
     try:
         if args.command == "export":
+            neurotrails.check_writable_file(args.out, "--out")
             if args.checkpoint:
                 net, aggregate, shape = net_from_checkpoint(args.checkpoint)
             else:
@@ -297,16 +294,21 @@ def main(argv=None):
                       f"density {1 - g / n:.4f}")
             return
         engines = args.engines.split(",")
-        for e in engines:
+        for e in engines:  # every argument before the engines are probed
             if e not in ("deepsparse", "onnxruntime"):
                 raise ValueError(f"--engines: unknown engine {e!r}; use deepsparse and/or onnxruntime")
         variants = (["single", "ensemble", "nt:0.8", "nt:0.95", "nt:0.99"] if args.command == "table7"
                     else args.variants)
+        for v in variants:
+            variant_sparsity(v)
+        with torch.device("meta"):  # the split itself (|F_h| within the model's blocks), without weights
+            variant_net("treenet", args.model, args.num_heads, args.blocks_in_head, args.allocation,
+                        args.num_classes, 3)
         results = bench(variants, engines, args.model, args.num_heads, args.blocks_in_head, args.allocation,
                         args.batch_size, args.threads, args.rounds, num_classes=args.num_classes,
                         shape=(3, args.image_size, args.image_size))
         print_results(results, args.batch_size, args.threads, PAPER_TABLE7 if args.command == "table7" else None)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"{ap.prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
 

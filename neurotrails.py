@@ -8,6 +8,12 @@ Paper map (arXiv 2505.17909):
   Sec. 4          baselines: single dense (M=1, S=0), TreeNet (M heads, S=0),
                   full ensemble (M independent full models)                       -> build() flags
 
+Shared by the scripts (one definition each, below the paper's functions): argparse value types
+that refuse what would silently break a run (int_in, float_in), the one-line error Parser, the
+run folder guard (run_folder: refuses to overwrite a run, one run per folder at a time) and the
+self-describing checkpoint (save_checkpoint: atomic, never a non-finite state; load_checkpoint:
+says which script wrote a file and what it lacks).
+
 `python neurotrails.py --model wrn28-10 --num-heads 3 --blocks-in-head 8 --sparsity 0.8` prints the
 configuration (per masked tensor: component, shape, density, active count; per component: totals)
 without training. Add --json for one JSON object.
@@ -23,9 +29,15 @@ Deviations from the released code (see README "Deviations"):
     G); aggregate="logits" gives the released behaviour, labelled as such.
 """
 import argparse
+import errno
 import json
+import math
+import os
+import re
+import shutil
 import sys
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -67,8 +79,8 @@ class Members(nn.Module):
 
 def validate(model, num_heads, blocks_in_head, num_blocks, sparsity_, full_ensemble=False):
     """Raise ValueError with one line naming the flag and its valid range."""
-    if num_heads < 1:
-        raise ValueError(f"--num-heads must be >= 1, got {num_heads}")
+    if not 1 <= num_heads <= MAX_HEADS:
+        raise ValueError(f"--num-heads must be in [1, {MAX_HEADS}], got {num_heads}")
     if not full_ensemble and not 1 <= blocks_in_head <= num_blocks:
         raise ValueError(f"--blocks-in-head must be in [1, {num_blocks}] for {model}, got {blocks_in_head}")
     if not 0.0 <= sparsity_ < 1.0:
@@ -88,8 +100,8 @@ def build(model, num_heads=3, blocks_in_head=None, full_ensemble=False, **model_
     the backbone keeps the stem and the first L - |F_h| blocks. full_ensemble: no shared part,
     each head is a whole model. Sparsity is separate: see build_masks().
     """
-    if num_heads < 1:
-        raise ValueError(f"--num-heads must be >= 1, got {num_heads}")
+    if not 1 <= num_heads <= MAX_HEADS:  # before building: 10^8 heads would never finish
+        raise ValueError(f"--num-heads must be in [1, {MAX_HEADS}], got {num_heads}")
     bases = [models.build(model, **model_kwargs) for _ in range(num_heads)]
     num_blocks = len(bases[0].blocks)  # L
     if blocks_in_head is None:
@@ -219,20 +231,304 @@ def _print_summary(config, s):
         print(f"{name:<10} {c['params']:>14,} {c['active']:>14,} {c['density']:>8.4f}")
 
 
-def main():
-    ap = argparse.ArgumentParser(description="Print a NeuroTrails configuration's split and "
-                                 "sparsity allocation without training (nothing is downloaded).")
-    ap.add_argument("--model", default="wrn28-10", help="base network: " + ", ".join(models.model_names()))
-    ap.add_argument("--num-heads", type=int, default=3, help="M, number of heads (1 = single model)")
-    ap.add_argument("--blocks-in-head", type=int, default=None,
-                    help="|F_h|, blocks per head (default: paper's value for the model, else ~2/3 of L)")
-    ap.add_argument("--sparsity", type=float, default=0.8, help="S in [0, 1); 0 gives TreeNet / dense")
+# ----------------------------------------------------------------------------------------------
+# Command-line values, run folders and checkpoints: shared by every script of the project
+
+MAX_HEADS = 64  # M above this is a typo, not an experiment (the paper goes to M = 20, Fig. 6)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump); exit code 2, like argparse's own."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def int_in(lo, hi=None):
+    """argparse type: an integer in [lo, hi] (hi None: no upper bound)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {text}")
+        return value
+    return parse
+
+
+def float_in(lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
+    """argparse type: a finite float in the interval from lo to hi (open ends as flagged).
+    NaN and +-inf are refused: every float flag of the project is a finite rate or fraction."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        inside = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+        if not math.isfinite(value) or not inside:
+            if hi == math.inf:
+                interval = f"{'>' if lo_open else '>='} {lo:g}"
+            else:
+                interval = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be a finite number {interval}, got {text}")
+        return value
+    return parse
+
+
+def add_arguments(ap, sparsity=0.8, sparsity_help="", with_sparsity=True, dst=False, delta_t=None, delta_t_help=""):
+    """The NeuroTrails flags shared by every command line, declared once: M, |F_h|, S (unless
+    with_sparsity is False), layerwise allocation and init; with dst, the DST flags too: regrowth
+    rule, drop fraction p0 and Delta T."""
+    ap.add_argument("--num-heads", type=int_in(1, MAX_HEADS), default=3,
+                    help=f"M, heads or ensemble members, in [1, {MAX_HEADS}] (single: 1)")
+    ap.add_argument("--blocks-in-head", type=int_in(1), default=None,
+                    help="|F_h|, blocks (decoder layers) per head (default: the paper's, 8 for WRN-28-10 and "
+                         "llama-130m, 10 for ResNet-50, 16 for llama-350m, else about 2/3 of the blocks)")
+    if with_sparsity:
+        ap.add_argument("--sparsity", type=float_in(0, 1, hi_open=True), default=sparsity,
+                        help=f"S in [0, 1), the fraction of masked weights that are zero{sparsity_help}")
     ap.add_argument("--allocation", default="global", choices=["global", "per-component"],
-                    help="solve layer densities over all tensors at once, or per backbone / head")
-    ap.add_argument("--init", default="er", choices=["er", "uniform"], help="layerwise density rule")
+                    help="ER solve over all tensors at once (released code; at S=0.1 LLaMA attention comes out "
+                         "dense) or per backbone / head (Alg. 1)")
+    ap.add_argument("--init", default="er", choices=["er", "uniform"], help="layerwise density rule: ER/ERK or uniform")
+    if dst:
+        ap.add_argument("--grow", default="rigl", choices=["rigl", "set"],
+                        help="regrowth: RigL (largest |grad|) or SET (random)")
+        ap.add_argument("--drop-fraction", type=float_in(0, 1), default=0.5,
+                        help="p0 in [0, 1], the initial DST drop fraction (cosine decay to 0)")
+        ap.add_argument("--delta-t", type=int_in(1), default=delta_t,
+                        help=f"Delta T >= 1, optimizer steps between topology updates{delta_t_help}")
+
+
+def check_device(device):
+    """One-line ValueError unless `device` is cpu, or cuda / cuda:N with that GPU present."""
+    if device == "cpu":
+        return device
+    match = re.fullmatch(r"cuda(?::(\d+))?", device or "")
+    if not match:
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(match[1] or 0) >= count:
+        raise ValueError(f"--device {device}: this machine has {count} CUDA GPU(s); use --device cpu")
+    return device
+
+
+def check_writable_file(path, flag):
+    """One-line ValueError unless a file can be written at `path` (checked before the work)."""
+    parent = Path(path).resolve().parent
+    if Path(path).is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"{flag} {path}: cannot write there ({parent} is not a writable folder)")
+
+
+RUN_FILES = ("log.jsonl", "last.pt", "config.json", "tokenizer.json")  # what a training run writes
+
+
+def check_run_folder(out, resume=None, overwrite=False):
+    """Refuse (one-line ValueError) an --out that would lose or mix runs; writes nothing.
+
+    A folder that holds a run is continued only by --resume of its own last.pt, replaced only
+    with --overwrite; a folder in use by a running process (its .lock held) is refused.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    holds = [f for f in ("log.jsonl", "last.pt") if (out / f).exists()]
+    own = resume is not None and Path(resume).resolve().parent == out.resolve()
+    if holds and not own and not overwrite:
+        raise ValueError(f"--out {out} already holds a run ({' and '.join(holds)}); continue it with "
+                         f"--resume {out / 'last.pt'}, or replace it with --overwrite")
+    if _locked(out / ".lock"):
+        raise ValueError(f"--out {out} is in use by another running process (see {out / '.lock'})")
+    parent = next(p for p in [out, *out.resolve().parents] if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: cannot create or write it ({parent} is not writable)")
+
+
+def _locked(path):
+    import fcntl
+    if not path.exists():
+        return False
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+
+class run_folder:
+    """Context manager: create --out, hold its .lock while training (a second run on the same
+    folder is refused; the kernel drops the lock if the process dies, even by SIGKILL); with
+    --overwrite, remove the files of the run it replaces; resuming into another folder, start it
+    with the checkpoint resumed from."""
+
+    def __init__(self, out, resume=None, overwrite=False):
+        self.out, self.resume, self.overwrite, self.lock = Path(out), resume, overwrite, None
+
+    def __enter__(self):
+        import fcntl
+        check_run_folder(self.out, self.resume, self.overwrite)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.lock = open(self.out / ".lock", "w")
+        except OSError as e:
+            raise ValueError(f"--out {self.out}: cannot create it ({e.strerror})") from None
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.close()
+            raise ValueError(f"--out {self.out} is in use by another running process") from None
+        self.lock.write(f"{os.getpid()}\n")
+        self.lock.flush()
+        own = self.resume is not None and Path(self.resume).resolve().parent == self.out.resolve()
+        (self.out / "last.pt.tmp").unlink(missing_ok=True)  # left by a kill during a save; we hold the lock
+        if self.overwrite and not own:
+            for name in RUN_FILES:
+                (self.out / name).unlink(missing_ok=True)
+        if self.resume is not None and not own:  # the new folder is a whole run from the start
+            try:  # a hard link costs nothing; saves replace it by rename, so the original stays as it is
+                os.link(self.resume, self.out / "last.pt")
+            except OSError:
+                shutil.copyfile(self.resume, self.out / "last.pt")
+        return self.out
+
+    def __exit__(self, *exc):
+        self.lock.close()  # closing releases the flock; the file itself stays (harmless)
+        return False
+
+
+CHECKPOINT_VERSION = 1
+CHECKPOINT_KEYS = {  # what each script needs to resume exactly
+    "train_vision.py": ("config", "epoch", "step", "model", "optimizer", "masks", "rng"),
+    "train_lm.py": ("config", "update", "tokens", "model", "optimizer", "masks", "rng", "data"),
+}
+
+
+def nonfinite_tensor(state, prefix=""):
+    """Name of the first floating-point tensor in a nested dict/list holding NaN or inf, else None
+    (weights, BatchNorm running statistics and optimizer moments alike)."""
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    for key, value in items:
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                return name
+        elif isinstance(value, (dict, list, tuple)):
+            found = nonfinite_tensor(value, name)
+            if found:
+                return found
+    return None
+
+
+def save_checkpoint(path, script, state):
+    """Write {format, version, script, **state} atomically: a temporary file in the same folder,
+    fsync, rename over `path`, fsync of the folder, so a kill at any moment leaves either the old
+    or the new checkpoint whole. Refuses a state with a non-finite tensor (FloatingPointError);
+    a failed write (full disk, ...) removes the temporary file and raises OSError with one line,
+    the previous checkpoint intact."""
+    bad = nonfinite_tensor(state)
+    if bad:
+        raise FloatingPointError(f"{bad} holds NaN or inf")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": "neurotrails", "version": CHECKPOINT_VERSION, "script": script, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        kept = f"the previous {path} is intact" if path.exists() else "no checkpoint was written"
+        raise OSError(e.errno, f"could not write {path} ({e.strerror or e}); {kept}") from None
+
+
+def checkpoint_script(state):
+    """Which script wrote a loaded checkpoint; files from before the format field by their keys."""
+    if state.get("format") == "neurotrails":
+        return state.get("script")
+    if "config" in state and "data" in state:
+        return "train_lm.py"
+    if "config" in state and "epoch" in state:
+        return "train_vision.py"
+    return None
+
+
+def load_checkpoint(path, script=None, flag="--resume", config=None, may_differ=()):
+    """A checkpoint of this project as a dict (CPU tensors, weights_only), checked: one-line
+    ValueError for a file that is not one, was written by another script than `script`, lacks
+    what that script needs, or (given the resuming run's config) has a config that differs in a
+    key outside may_differ."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{flag} {path}: not a checkpoint of this project (unreadable: {type(e).__name__})") from None
+    writer = checkpoint_script(state) if isinstance(state, dict) else None
+    if writer not in CHECKPOINT_KEYS:
+        raise ValueError(f"{flag} {path}: not a checkpoint of this project (no train_vision.py / train_lm.py state)")
+    if state.get("version", 1) > CHECKPOINT_VERSION:
+        raise ValueError(f"{flag} {path}: checkpoint format {state['version']} is newer than this code's "
+                         f"{CHECKPOINT_VERSION}; update the code")
+    if script is not None and writer != script:
+        raise ValueError(f"{flag} {path}: written by {writer}, not {script}; use {writer} for it")
+    missing = [k for k in CHECKPOINT_KEYS[writer] if k not in state]
+    if missing:
+        raise ValueError(f"{flag} {path}: incomplete {writer} checkpoint (lacks {', '.join(missing)})")
+    if config is not None:
+        old = state["config"]
+        diff = sorted(k for k in set(config) | set(old) if k not in may_differ and config.get(k) != old.get(k))
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {old.get(k)!r} vs now {config.get(k)!r}" for k in diff[:4])
+            raise ValueError(f"{flag} {path}: checkpoint is from a different configuration ({detail})")
+    return state
+
+
+def record_resume(config, state, resume, keys, at):
+    """Note a resume in config["resumed"] (kept across resumes); returns the settings among `keys`
+    that this resume changes, {key: [old, new]}, or None."""
+    old = state["config"]
+    changed = {k: [old.get(k), config[k]] for k in keys if old.get(k) != config[k]} or None
+    config["resumed"] = old.get("resumed", []) + [{at: state[at], "from": str(resume), "changed": changed}]
+    return changed
+
+
+def last_good(path):
+    """The advice of a divergence error: the checkpoint to resume from, or that there is none."""
+    return (f"the last finite checkpoint is {path}: --resume it with a lower --lr" if path else
+            "no checkpoint was saved; start again with a lower --lr")
+
+
+def add_run_arguments(ap, out_help):
+    """The run-folder flags of both trainers: --out, --resume, --overwrite, --device."""
+    ap.add_argument("--out", default=None, help=f"output folder (default: {out_help}); a folder that holds a run "
+                    "is refused unless --resume or --overwrite")
+    ap.add_argument("--resume", default=None, help="continue exactly from this last.pt (into --out, which may be "
+                    "another folder: the run starts there with this checkpoint and its log)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
+    ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+
+
+
+def main():
+    ap = Parser(description="Print a NeuroTrails configuration's split and sparsity allocation without "
+                "training (nothing is downloaded).")
+    ap.add_argument("--model", default="wrn28-10", help="base network: " + ", ".join(models.model_names()))
+    add_arguments(ap, 0.8, "; 0 gives TreeNet / dense")
     ap.add_argument("--full-ensemble", action="store_true", help="M independent full models, no backbone")
-    ap.add_argument("--num-classes", type=int, default=100, help="classes of a vision model")
-    ap.add_argument("--vocab-size", type=int, default=32000, help="vocabulary of a LLaMA model")
+    ap.add_argument("--num-classes", type=int_in(1), default=100, help="classes of a vision model")
+    ap.add_argument("--vocab-size", type=int_in(1), default=32000, help="vocabulary of a LLaMA model")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     args = ap.parse_args()
     kwargs = ({"vocab_size": args.vocab_size} if models.is_language_model(args.model)
@@ -242,8 +538,7 @@ def main():
             net = build(args.model, args.num_heads, args.blocks_in_head, args.full_ensemble, **kwargs)
             dens = densities(net, args.sparsity, args.allocation, args.init)
     except ValueError as e:  # one line naming the flag, no usage dump
-        print(f"{ap.prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        ap.error(str(e))
     config = {"model": args.model, "num_heads": args.num_heads, "blocks_in_head": net.blocks_in_head,
               "full_ensemble": args.full_ensemble, "sparsity": args.sparsity,
               "allocation": args.allocation, "init": args.init}

@@ -62,6 +62,7 @@ import evaluate
 import models
 import neurotrails
 import sparsity
+from neurotrails import float_in, int_in
 
 # App. E.2, Table 10. dense_updates: updates of a dense run; sparse runs train 1/(1-S) times as many
 # (10,000 -> 11,111 at S=0.1). Other sizes take the 130M recipe.
@@ -71,9 +72,13 @@ RECIPES = {
 }
 DEFAULT_RECIPE = RECIPES["llama-130m"]
 METHODS = ("neurotrails", "single", "treenet", "ensemble", "static")
+SCRIPT = "train_lm.py"  # the writer named in every checkpoint
+# Optimizer settings a --resume may change (e.g. a lower --lr after a divergence); recorded in
+# config["resumed"] and in the log.
+OPTIMIZER_CHANGES = ("lr", "weight_decay", "warmup", "min_lr_ratio")
 # Config keys that may differ between a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = {"data_dir", "out", "device", "bf16", "world_size", "stop_after", "eval_every",
-                     "log_every", "save_every", "data_workers"}
+                     "log_every", "save_every", "data_workers", "resumed", *OPTIMIZER_CHANGES}
 VALIDATION_EVERY = 20  # --dataset text: every 20th file (sorted by path) is held out for validation
 
 
@@ -106,24 +111,23 @@ def load_tokenizer(name=None, tokenizer_json=None):
     file or folder, the local HF cache, or the hub, in that order."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     if tokenizer_json is not None or (name and Path(name).is_file()):
-        if tokenizer_json is None:
-            tokenizer_json = Path(name).read_text()
         from tokenizers import Tokenizer
         try:
-            tok = Tokenizer.from_str(tokenizer_json)
-        except Exception:
-            raise ValueError(f"--tokenizer {name}: not a tokenizer file or folder") from None
+            tok = Tokenizer.from_str(Path(name).read_text() if tokenizer_json is None else tokenizer_json)
+        except Exception:  # also UnicodeDecodeError: a binary file
+            raise ValueError(f"--tokenizer {name}: not a tokenizer file (a tokenizer.json) or folder") from None
         return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
-    try:
-        return AutoTokenizer.from_pretrained(name, local_files_only=True)
-    except Exception:
+    try:  # trust_remote_code=False: a folder's auto_map code is never run (nor asked about)
+        return AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
+    except Exception as e:
         if Path(name).exists():
-            raise ValueError(f"--tokenizer {name}: not a tokenizer file or folder") from None
+            reason = " ".join(str(e).split())[:120]
+            raise ValueError(f"--tokenizer {name}: not a tokenizer file or folder ({reason})") from None
     if not hub_reachable():
         raise ValueError(f"--tokenizer {name}: not in the local cache and the HuggingFace hub cannot be reached; "
                          "give a local path, or --train-tokenizer N to train one on the training text")
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=False)  # never run a repo's code
     except Exception as e:
         raise ValueError(f"--tokenizer {name}: could not be loaded ({type(e).__name__}: {str(e)[:120]})") from None
 
@@ -140,14 +144,29 @@ def train_tokenizer(files, vocab_size):
     return tok.to_str()
 
 
-def text_files(data_dir, split):
-    """--dataset text: *.txt / *.md / *.rst files under data_dir; every VALIDATION_EVERY-th is validation."""
-    files = sorted(p for p in Path(data_dir).rglob("*") if p.suffix in (".txt", ".md", ".rst") and p.is_file())
+def text_files(data_dir, split, warn=False):
+    """--dataset text: *.txt / *.md / *.rst files under data_dir; every VALIDATION_EVERY-th is validation.
+    Files that are empty or not UTF-8 text are skipped (warn: say how many, once per run)."""
+    candidates = sorted(p for p in Path(data_dir).rglob("*") if p.suffix in (".txt", ".md", ".rst") and p.is_file())
+    files = [p for p in candidates if _is_text(p)]
+    skipped = [p for p in candidates if p not in set(files)]
+    if skipped and warn:
+        print(f"warning: skipped {len(skipped)} of {len(candidates)} files under --data-dir that are empty or "
+              f"not UTF-8 text (first: {skipped[0]})", file=sys.stderr)
     if len(files) < 2:
-        raise ValueError(f"--data-dir {data_dir}: --dataset text needs at least 2 .txt/.md/.rst files, "
-                         f"found {len(files)}")
+        raise ValueError(f"--data-dir {data_dir}: --dataset text needs at least 2 non-empty UTF-8 .txt/.md/.rst "
+                         f"files, found {len(files)}" + (f" ({len(skipped)} skipped)" if skipped else ""))
     val = files[VALIDATION_EVERY // 2::VALIDATION_EVERY] or files[:1]
     return val if split == "validation" else [f for f in files if f not in val]
+
+
+def _is_text(path):
+    """Non-empty UTF-8 without NUL bytes (which text never has and binary files usually do)."""
+    try:
+        data = path.read_bytes()
+        return bool(data.strip()) and b"\0" not in data and bool(data.decode("utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def document_source(cfg, split):
@@ -155,7 +174,7 @@ def document_source(cfg, split):
     from datasets import disable_progress_bars, load_dataset
     disable_progress_bars()
     if cfg["dataset"] == "text":
-        files = [str(f) for f in text_files(cfg["data_dir"], split)]
+        files = [str(f) for f in text_files(cfg["data_dir"], split, warn=split == "train")]
         table = load_dataset("text", data_files={split: files}, sample_by="paragraph", split=split)
         # Paragraphs shuffled with the seed and the epoch: files mix, and the order is exactly resumable.
         return lambda epoch: table.shuffle(seed=cfg["seed"] * 1009 + epoch).to_iterable_dataset()
@@ -268,7 +287,10 @@ class Prefetcher:
     def __init__(self, stream, n, workers=1):
         self.state = stream.state_dict()
         # fork: the worker inherits the stream as it is (its document source is a closure)
+        # Its own generator: the loader's seed draw must not advance the global RNG that the
+        # checkpoint saves (a resumed run would otherwise save a different RNG state).
         loader = torch.utils.data.DataLoader(Batches(stream, n), batch_size=None, num_workers=min(workers, 1),
+                                             generator=torch.Generator().manual_seed(0),
                                              prefetch_factor=2 if workers else None,
                                              multiprocessing_context="fork" if workers else None)
         self.iterator = iter(loader)
@@ -305,7 +327,7 @@ def resolve_config(args):
     r = RECIPES.get(args.model, DEFAULT_RECIPE)
     method = args.method
     dense = method in ("single", "treenet", "ensemble")
-    cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "compare")}
+    cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "compare", "overwrite")}
     if not models.is_language_model(args.model):
         raise ValueError(f"--model {args.model!r} is not a language model; choose one of "
                          f"{', '.join(models.LLAMA_CONFIGS)} (image models: train_vision.py)")
@@ -323,41 +345,33 @@ def resolve_config(args):
         cfg["blocks_in_head"] = neurotrails.default_blocks_in_head(args.model, num_blocks)
     neurotrails.validate(args.model, cfg["num_heads"], cfg["blocks_in_head"], num_blocks, cfg["sparsity"],
                          method == "ensemble")
-    cfg["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg["device"] = neurotrails.check_device(args.device) if args.device else \
+        "cuda" if torch.cuda.is_available() else "cpu"
     cfg["bf16"] = cfg["device"].startswith("cuda") if args.bf16 is None else args.bf16
     cfg["world_size"] = dist.get_world_size() if dist.is_initialized() else 1
     cfg["micro_batch_size"] = min(args.micro_batch_size, max(1, args.batch_size // cfg["world_size"]))
-    cfg["out"] = args.out or f"runs/lm-{args.model}-{method}-M{cfg['num_heads']}-S{cfg['sparsity']}-seed{args.seed}"
+    # The default folder names what makes runs differ, so a quick run never lands in a real run's folder.
+    cfg["out"] = args.out or (f"runs/lm-{args.model}-{method}-M{cfg['num_heads']}-S{cfg['sparsity']}"
+                              f"-u{cfg['updates']}-seed{args.seed}")
     validate(cfg)
     return cfg
 
 
 def validate(cfg):
-    """One clear ValueError per bad value, naming the flag."""
-    positive = ("batch_size", "micro_batch_size", "updates", "eval_tokens", "log_every", "eval_every", "save_every")
-    for key in positive:
-        if cfg[key] < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
+    """One clear ValueError per bad combination, naming the flag (single values are range-checked
+    by their argparse types)."""
     per_rank = cfg["batch_size"] // cfg["world_size"]
     if cfg["batch_size"] % cfg["world_size"] or per_rank % cfg["micro_batch_size"]:
         raise ValueError(f"--micro-batch-size {cfg['micro_batch_size']} must divide the {per_rank} sequences per "
                          f"process (--batch-size {cfg['batch_size']} over {cfg['world_size']} processes)")
-    if cfg["seq_len"] < 2:
-        raise ValueError(f"--seq-len must be >= 2, got {cfg['seq_len']}")
     if cfg["method"] in ("neurotrails", "static") and cfg["sparsity"] == 0.0:
         raise ValueError(f"--method {cfg['method']} needs --sparsity > 0 (use treenet for a dense multi-head run)")
-    if cfg["lr"] <= 0:
-        raise ValueError(f"--lr must be > 0, got {cfg['lr']}")
-    if not 0 <= cfg["warmup"] < 1:
-        raise ValueError(f"--warmup must be a fraction of the updates in [0, 1), got {cfg['warmup']}")
     if cfg["dataset"] == "text" and not cfg["data_dir"]:
         raise ValueError("--dataset text needs --data-dir, a folder of .txt/.md/.rst files")
-    if cfg["data_dir"] and not Path(cfg["data_dir"]).is_dir():
-        raise ValueError(f"--data-dir {cfg['data_dir']}: no such folder")
+    if cfg["data_dir"] is not None and not Path(cfg["data_dir"]).is_dir():
+        raise ValueError(f"--data-dir {cfg['data_dir']!r}: no such folder")
     if cfg["train_tokenizer"] is not None and cfg["dataset"] != "text":
         raise ValueError("--train-tokenizer needs --dataset text (it is trained on the training files)")
-    if cfg["train_tokenizer"] is not None and cfg["train_tokenizer"] < 259:
-        raise ValueError(f"--train-tokenizer must be >= 259 (256 bytes + specials), got {cfg['train_tokenizer']}")
 
 
 def lr_at(update, cfg):
@@ -389,37 +403,18 @@ def build_run(cfg, vocab_size):
 # Checkpoints
 
 
-def save_checkpoint(path, state):
-    """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def load_checkpoint(path, cfg=None, flag="--resume"):
+    """A train_lm.py checkpoint; with cfg, refused unless it is from the same configuration."""
+    return neurotrails.load_checkpoint(path, SCRIPT, flag, cfg, RESUMABLE_CHANGES)
 
 
-def load_checkpoint(path, cfg=None):
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--resume {path}: no such checkpoint")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    if "data" not in state or not models.is_language_model(state.get("config", {}).get("model", "")):
-        raise ValueError(f"{path}: not a train_lm.py checkpoint")
-    if cfg is not None:
-        diff = sorted(k for k in set(cfg) | set(state["config"])
-                      if k not in RESUMABLE_CHANGES and cfg.get(k) != state["config"].get(k))
-        if diff:
-            detail = ", ".join(f"{k}: checkpoint {state['config'].get(k)!r} vs now {cfg.get(k)!r}" for k in diff[:4])
-            raise ValueError(f"--resume {path}: checkpoint is from a different configuration ({detail})")
-    return state
-
-
-def restore(state, net, opt, stream):
+def restore(state, net, opt, stream, cfg):
+    """Weights, Adam state, masks, data position and RNG of a checkpoint; Adam keeps this run's
+    weight decay (a resume may change it, and the learning-rate schedule)."""
     net.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
+    for group in opt.param_groups:
+        group["weight_decay"] = cfg["weight_decay"]
     masks = None
     if state["masks"] is not None:
         masks = sparsity.Masks(neurotrails.masked_weights(net), {})
@@ -446,9 +441,12 @@ def head_nll_sums(logits, targets):
     return nll.view(num_heads, -1).sum(1)
 
 
-def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_state=None):
+def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_state=None, good=None, changed=None):
     """Train from update `start` to cfg['updates'] (or --stop-after updates of this call); log,
     evaluate and checkpoint on their intervals. Returns the last evaluation record.
+
+    good: the last checkpoint known to be finite (the one resumed from), named if training
+    diverges; changed: optimizer settings this resume changed, written into the first log line.
 
     Under torchrun, DDP all-reduces the accumulated gradient once per update (no_sync on the other
     micro-batches), so soft magnitude and RigL see the all-reduced accumulated gradient; every
@@ -469,7 +467,7 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
     micro, per_rank = cfg["micro_batch_size"], cfg["batch_size"] // world
     head_weight = 1.0 if ensemble else 1.0 / cfg["num_heads"]  # ensemble: sum of members; else mean of heads
     end = cfg["updates"] if not cfg["stop_after"] else min(cfg["updates"], start + cfg["stop_after"])
-    record, window = None, {"loss": 0.0, "tokens": 0, "time": 0.0, "updates": 0}
+    record, window = None, [0.0, 0, 0.0, 0]  # since the last log line: loss sum, tokens, seconds, updates
     run_tokens, run_time = 0, 0.0  # this invocation's training tokens and seconds (evaluation excluded)
     bar = tqdm(range(start, end), initial=start, total=cfg["updates"], desc="updates", leave=False,
                disable=rank != 0 or not sys.stderr.isatty())
@@ -498,8 +496,8 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
         if world > 1:
             dist.all_reduce(loss_sum)
         if not torch.isfinite(loss_sum):  # before the step: the model and the last checkpoint stay good
-            raise FloatingPointError(f"loss is {loss_sum.item()} at update {update + 1}; the last good "
-                                     f"checkpoint is {out / 'last.pt'} (try a lower --lr)")
+            raise FloatingPointError(f"loss is {loss_sum.item()} at update {update + 1}; "
+                                     f"{neurotrails.last_good(good)}")
         opt.step()
         step = update + 1
         if masks is not None:
@@ -511,15 +509,27 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
         update_tokens, seconds = int(counts.sum()), time.perf_counter() - began
         tokens += update_tokens
         run_tokens, run_time = run_tokens + update_tokens, run_time + seconds
-        window = {"loss": window["loss"] + loss_sum.item(), "tokens": window["tokens"] + update_tokens,
-                  "time": window["time"] + seconds, "updates": window["updates"] + 1}
+        window = [w + v for w, v in zip(window, (loss_sum.item(), update_tokens, seconds, 1))]
         evaluate_now = step % cfg["eval_every"] == 0 or step == cfg["updates"]
-        if step % cfg["log_every"] and not evaluate_now and step != end:
-            continue
-        if rank == 0:
-            record = {"update": step, "tokens": tokens, "loss": window["loss"] / window["updates"], "lr": lr,
-                      "tokens_per_s": window["tokens"] / window["time"],
-                      "density": neurotrails.component_densities(net)}
+        log_now = step % cfg["log_every"] == 0 or evaluate_now or step == end
+        save_now = step % cfg["save_every"] == 0 or step == end
+
+        # Before a save: the whole state must be finite. A step can blow up with a finite loss,
+        # so the loss check above is not enough; nothing non-finite is logged as a result or saved.
+        if save_now:
+            state = {"model": net.state_dict(), "optimizer": opt.state_dict()}
+            bad = neurotrails.nonfinite_tensor(state)
+            if bad:
+                raise FloatingPointError(f"{bad} is NaN or inf after update {step}; nothing was saved; "
+                                         f"{neurotrails.last_good(good)}")
+
+        # Every --log-every updates (with perplexities every --eval-every): one log line.
+        if log_now and rank == 0:
+            loss_window, tokens_window, time_window, updates_window = window
+            record = {"update": step, "tokens": tokens, "loss": loss_window / updates_window, "lr": lr,
+                      "tokens_per_s": tokens_window / time_window, "density": neurotrails.component_densities(net)}
+            if changed and step == start + 1:
+                record["resumed_with"] = changed
             if evaluate_now:
                 record.update(evaluate.perplexity(net, val_batches, autocast))
             with open(out / "log.jsonl", "a") as f:
@@ -531,15 +541,18 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
                         " ".join(f"{p:.2f}" for p in record["ppl_heads"]) + ")"
             (print if bar.disable else tqdm.write)(line)
             sys.stdout.flush()
-        window = {"loss": 0.0, "tokens": 0, "time": 0.0, "updates": 0}
-        if step % cfg["save_every"] == 0 or step == end:
-            if rank == 0:
-                save_checkpoint(out / "last.pt", {
-                    "config": cfg, "update": step, "tokens": tokens, "model": net.state_dict(),
-                    "optimizer": opt.state_dict(), "masks": masks.state_dict() if masks is not None else None,
-                    "rng": torch.get_rng_state(), "data": batches.state, **(save_state or {})})
-            if world > 1:
-                dist.barrier()
+        if log_now:
+            window = [0.0, 0, 0.0, 0]
+
+        # Every --save-every updates, and at the end of this invocation: the checkpoint.
+        if save_now and rank == 0:
+            neurotrails.save_checkpoint(out / "last.pt", SCRIPT, {
+                "config": cfg, "update": step, "tokens": tokens, **state,
+                "masks": masks.state_dict() if masks is not None else None,
+                "rng": torch.get_rng_state(), "data": batches.state, **(save_state or {})})
+            good = out / "last.pt"
+        if save_now and world > 1:
+            dist.barrier()
     bar.close()
     if record is not None:
         record["run_tokens_per_s"] = run_tokens / max(run_time, 1e-9)
@@ -560,46 +573,43 @@ def tokenizer_for(cfg, state=None):
     return load_tokenizer(cfg["tokenizer"]), None
 
 
-def run(cfg, resume=None):
-    """One configuration end to end; returns the last evaluation record plus cost figures."""
+def run(cfg, resume=None, overwrite=False):
+    """One configuration end to end; returns the last evaluation record plus cost figures. The
+    folder is checked before the data and the tokenizer are loaded, and locked while training."""
+    out, rank = Path(cfg["out"]), dist.get_rank() if dist.is_initialized() else 0
     state = load_checkpoint(resume, cfg) if resume else None
+    if rank == 0:
+        neurotrails.check_run_folder(out, resume, overwrite)
     source = document_source(cfg, "train")
     tokenizer, tokenizer_json = tokenizer_for(cfg, state)
     stream = TokenStream(source, tokenizer, cfg["seq_len"], cfg["pack"])
-    rank = dist.get_rank() if dist.is_initialized() else 0
     val_batches = validation_batches(cfg, tokenizer) if rank == 0 else None
     net, masks, opt = build_run(cfg, len(tokenizer))
-    out = Path(cfg["out"])
-    start, tokens = 0, 0
+    start, tokens, changed = 0, 0, None
     if state is not None:
-        masks = restore(state, net, opt, stream)
+        masks = restore(state, net, opt, stream, cfg)
         start, tokens = state["update"], state["tokens"]
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if state is not None:
-            _truncate_log(out / "log.jsonl", start)
-        else:
-            (out / "log.jsonl").unlink(missing_ok=True)
-        if tokenizer_json:
-            (out / "tokenizer.json").write_text(tokenizer_json)
-        (out / "config.json").write_text(json.dumps(cfg, indent=1))
-        print("config " + json.dumps(cfg), flush=True)
-    if dist.is_initialized():
-        dist.barrier()
-    record = train(cfg, net, masks, opt, stream, val_batches, start, tokens, {"tokenizer_json": tokenizer_json})
+        changed = neurotrails.record_resume(cfg, state, resume, OPTIMIZER_CHANGES, "update")
+    with neurotrails.run_folder(out, resume, overwrite) if rank == 0 else nullcontext():
+        if rank == 0:
+            log = Path(resume).parent / "log.jsonl" if resume else None
+            lines = [line for line in log.read_text().splitlines() if json.loads(line)["update"] <= start] \
+                if log and log.exists() else []  # a kill may have left lines after the checkpoint
+            (out / "log.jsonl").write_text("".join(line + "\n" for line in lines))
+            if tokenizer_json:
+                (out / "tokenizer.json").write_text(tokenizer_json)
+            (out / "config.json").write_text(json.dumps(cfg, indent=1))
+            print("config " + json.dumps(cfg), flush=True)
+        if dist.is_initialized():
+            dist.barrier()
+        record = train(cfg, net, masks, opt, stream, val_batches, start, tokens, {"tokenizer_json": tokenizer_json},
+                       resume, changed)
     if rank != 0:
         return None
     if record is None or "ppl" not in record:  # resumed a finished run, or stopped between evaluations
         record = dict(record or {}, **evaluate.perplexity(net, val_batches, bf16_autocast(cfg)))
     record.update(evaluate.parameter_counts(net), **cost_vs_single(net, cfg, len(tokenizer)))
     return record
-
-
-def _truncate_log(path, update):
-    """Keep the log lines up to `update` (a kill may have left later ones)."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["update"] <= update]
-        path.write_text("".join(line + "\n" for line in lines))
 
 
 def cost_vs_single(net, cfg, vocab_size):
@@ -613,7 +623,7 @@ def cost_vs_single(net, cfg, vocab_size):
 
 def load_for_eval(checkpoint, device=None):
     """(network with the checkpoint's weights, tokenizer, config), for evaluate.py."""
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint, flag="--checkpoint")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = dict(state["config"], device=device, bf16=device.startswith("cuda"))
     tokenizer, _ = tokenizer_for(cfg, state)
@@ -632,14 +642,8 @@ def print_table(rows):
               f"{r['infer_flops_vs_single']:>15.3f} {r['active_params']:>14,}")
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv=None):
-    ap = Parser(description="Pretrain NeuroTrails or a baseline LLaMA on C4 (paper Sec. 4.2). Defaults are the "
+    ap = neurotrails.Parser(prog=SCRIPT, description="Pretrain NeuroTrails or a baseline LLaMA on C4 (paper Sec. 4.2). Defaults are the "
                 "paper's recipe for --model; flags left unset take them.")
     ap.add_argument("--model", default="llama-130m", help="base LLaMA: " + ", ".join(models.LLAMA_CONFIGS))
     ap.add_argument("--method", default="neurotrails", choices=METHODS,
@@ -647,33 +651,28 @@ def parse_args(argv=None):
                          "static (sparse, no topology updates)")
     ap.add_argument("--compare", default=None,
                     help="comma-separated methods to train one after another, then print one comparison table")
-    ap.add_argument("--num-heads", type=int, default=3, help="M, heads or ensemble members (single: 1)")
-    ap.add_argument("--blocks-in-head", type=int, default=None,
-                    help="decoder layers per head (default: 8 for llama-130m, 16 for llama-350m, else 2/3 of L)")
-    ap.add_argument("--sparsity", type=float, default=0.1, help="S in [0, 1) of sparse methods (dense: 0)")
-    ap.add_argument("--allocation", default="global", choices=["global", "per-component"],
-                    help="ER solve over all tensors at once (released code; attention comes out dense at S=0.1) "
-                         "or per backbone / head (Alg. 1)")
-    ap.add_argument("--init", default="er", choices=["er", "uniform"], help="layerwise density rule")
+    neurotrails.add_arguments(ap, 0.1, " of sparse methods (dense methods: 0)", dst=True, delta_t=50,
+                              delta_t_help=" (default: 50)")
     ap.add_argument("--prune", default="soft-magnitude", choices=["soft-magnitude", "magnitude"],
                     help="pruning: survivors sampled with probability ~ |w|^T (Zhang 2025), or smallest |w|")
-    ap.add_argument("--temperature", type=float, default=3.0, help="T, the soft-magnitude exponent")
-    ap.add_argument("--grow", default="rigl", choices=["rigl", "set"], help="regrowth: RigL (|grad|) or SET (random)")
-    ap.add_argument("--drop-fraction", type=float, default=0.5, help="p0, initial drop fraction (cosine to 0)")
-    ap.add_argument("--delta-t", type=int, default=50, help="updates between topology updates")
-    ap.add_argument("--updates", type=int, default=None,
+    ap.add_argument("--temperature", type=float_in(0, 1e3, lo_open=True), default=3.0,
+                    help="T in (0, 1000], the soft-magnitude exponent (larger: closer to hard magnitude)")
+    ap.add_argument("--updates", type=int_in(1), default=None,
                     help="optimizer updates (default: 10,000 dense / 11,111 sparse for 130M; 40,000 / 44,444 for 350M)")
-    ap.add_argument("--batch-size", type=int, default=512, help="sequences per update (per ensemble member)")
-    ap.add_argument("--micro-batch-size", type=int, default=32,
+    ap.add_argument("--batch-size", type=int_in(1), default=512, help="sequences per update (per ensemble member)")
+    ap.add_argument("--micro-batch-size", type=int_in(1), default=32,
                     help="sequences per forward/backward on each process; gradients accumulate to --batch-size. "
                          "Sets memory use: 32 fits llama-350m (M=3) on an 80 GB GPU, 64 llama-130m")
-    ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (truncation)")
+    ap.add_argument("--seq-len", type=int_in(2, 1 << 20), default=256, help="tokens per sequence (truncation), >= 2")
     ap.add_argument("--pack", action="store_true",
                     help="concatenate documents into full sequences instead of one truncated, padded document each")
-    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (1.5e-3; llama-350m 5e-4)")
-    ap.add_argument("--warmup", type=float, default=0.1, help="fraction of the updates with linear warmup")
-    ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to this x lr")
-    ap.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    ap.add_argument("--lr", type=float_in(0, lo_open=True), default=None,
+                    help="peak learning rate > 0 (1.5e-3; llama-350m 5e-4); may change on --resume")
+    ap.add_argument("--warmup", type=float_in(0, 1, hi_open=True), default=0.1,
+                    help="fraction in [0, 1) of the updates with linear warmup; may change on --resume")
+    ap.add_argument("--min-lr-ratio", type=float_in(0, 1), default=0.1,
+                    help="in [0, 1]: the cosine decays to this x lr; may change on --resume")
+    ap.add_argument("--weight-decay", type=float_in(0), default=0.0, help="Adam weight decay >= 0; may change on --resume")
     ap.add_argument("--dataset", default="c4", choices=["c4", "text"],
                     help="c4: allenai/c4 'en' streamed from the hub, or local shards with --data-dir; "
                          "text: paragraphs of the .txt/.md/.rst files under --data-dir")
@@ -681,22 +680,21 @@ def parse_args(argv=None):
                     help="c4: folder of c4-{train,validation}.*.json.gz shards; text: folder of text files "
                          f"(every {VALIDATION_EVERY}th file, sorted by path, is the validation set)")
     ap.add_argument("--tokenizer", default="t5-base", help="HF tokenizer name or local file/folder (default: t5-base)")
-    ap.add_argument("--train-tokenizer", type=int, default=None, metavar="N",
+    ap.add_argument("--train-tokenizer", type=int_in(259, 1 << 20), default=None, metavar="N",
                     help="instead of --tokenizer: train a byte-level BPE of N tokens on the training files "
                          "(--dataset text; saved in the checkpoint and as OUT/tokenizer.json)")
     ap.add_argument("--data-workers", type=int, default=1, choices=[0, 1],
                     help="1: read and tokenize the next batches in a worker process (default); 0: in this process")
-    ap.add_argument("--eval-tokens", type=int, default=10_000_000, help="validation target tokens (paper: 10M)")
-    ap.add_argument("--eval-every", type=int, default=1000, help="updates between validation perplexities")
-    ap.add_argument("--log-every", type=int, default=10, help="updates between log lines")
-    ap.add_argument("--save-every", type=int, default=1000, help="updates between checkpoints")
-    ap.add_argument("--stop-after", type=int, default=None,
+    ap.add_argument("--eval-tokens", type=int_in(1), default=10_000_000, help="validation target tokens (paper: 10M)")
+    ap.add_argument("--eval-every", type=int_in(1), default=1000, help="updates between validation perplexities")
+    ap.add_argument("--log-every", type=int_in(1), default=10, help="updates between log lines")
+    ap.add_argument("--save-every", type=int_in(1), default=1000, help="updates between checkpoints")
+    ap.add_argument("--stop-after", type=int_in(1), default=None,
                     help="save and exit after this many updates of this invocation (e.g. a job's time limit); "
                          "continue with --resume OUT/last.pt")
-    ap.add_argument("--seed", type=int, default=0, help="seed of init, masks, DST sampling and data order")
-    ap.add_argument("--out", default=None, help="output folder (default: runs/lm-<model>-<method>-...)")
-    ap.add_argument("--resume", default=None, help="continue exactly from this last.pt")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,
+                    help="seed of init, masks, DST sampling and data order, in [0, 2^32)")
+    neurotrails.add_run_arguments(ap, "runs/lm-<model>-<method>-M<M>-S<S>-u<updates>-seed<seed>")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 autocast (default: on with CUDA)")
     return ap, ap.parse_args(argv)
@@ -715,6 +713,8 @@ def main(argv=None):
     init_distributed()
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
+        if args.compare and args.resume:
+            raise ValueError("--resume continues one run; it cannot be combined with --compare")
         methods = args.compare.split(",") if args.compare else [args.method]
         bad = [m for m in methods if m not in METHODS]
         if bad:
@@ -725,10 +725,10 @@ def main(argv=None):
                                                        else None if args.out is None else f"{args.out}/{m}"}))
             if args.compare:
                 print(f"\n== {m}", flush=True)
-            rows[m] = run(cfg, None if args.compare else args.resume)
+            rows[m] = run(cfg, args.resume, args.overwrite)
         if rank == 0:
             print_table(rows)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         print(f"{ap.prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
 

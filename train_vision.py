@@ -34,6 +34,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -46,6 +47,7 @@ import evaluate
 import models
 import neurotrails
 import sparsity
+from neurotrails import float_in, int_in
 
 # App. E.2, Table 9 (ImageNet: NVIDIA's ResNet-50 recipe). Fashion-MNIST is our offline
 # stand-in, with the CIFAR optimiser settings.
@@ -71,25 +73,31 @@ EPOCHS = {
     "fashion-mnist": {"dense": 15, "treenet": 15, "sparse": 15, "pruning": 15},
 }
 METHODS = ("neurotrails", "single", "treenet", "ensemble", "static", "pruning")
+SCRIPT = "train_vision.py"  # the writer named in every checkpoint
+# Optimizer settings a --resume may change (e.g. a lower --lr after a divergence); recorded in
+# config["resumed"] and in the log.
+OPTIMIZER_CHANGES = ("lr", "momentum", "weight_decay")
 # Config keys that may differ between a checkpoint and the run resuming it.
-RESUMABLE_CHANGES = {"data_dir", "out", "device", "workers", "bf16", "channels_last", "world_size"}
+RESUMABLE_CHANGES = {"data_dir", "out", "device", "workers", "bf16", "channels_last", "world_size", "resumed",
+                     *OPTIMIZER_CHANGES}
 
 
 # ----------------------------------------------------------------------------------------------
 # Data: small datasets live in memory as uint8 tensors; ImageNet-style folders use a DataLoader.
 
 
-def load_data(dataset, data_dir, train_subset=None, test_subset=None):
-    """(train, test) as dicts {x: uint8 (N,C,H,W), y: int64 (N)} or ImageFolder datasets."""
+def load_data(dataset, data_dir, train_subset=None, test_subset=None, download=True):
+    """(train, test) as dicts {x: uint8 (N,C,H,W), y: int64 (N)} or ImageFolder datasets.
+    download=False: only read data_dir (nothing is downloaded or unpacked into it)."""
     data_dir = Path(data_dir)
     if dataset in ("tinyimagenet", "imagenet"):
         return _image_folders(dataset, data_dir)
     import torchvision
-    if dataset == "fashion-mnist":
+    if dataset == "fashion-mnist" and download:
         _fashion_mnist_from_debian(data_dir)
     cls = torchvision.datasets.CIFAR100 if dataset == "cifar100" else torchvision.datasets.FashionMNIST
     try:
-        sets = [cls(str(data_dir), train=t, download=True) for t in (True, False)]
+        sets = [cls(str(data_dir), train=t, download=download) for t in (True, False)]
     except Exception as e:  # offline download (URLError), corrupt or partial files, ...
         hint = ("put cifar-100-python.tar.gz (or its extracted folder) in it" if dataset == "cifar100" else
                 "install the Debian package dataset-fashion-mnist, or put the IDX files in "
@@ -203,7 +211,7 @@ def resolve_config(args):
     r = RECIPES[args.dataset]
     method = args.method
     dense = method in ("single", "treenet", "ensemble")
-    cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "compare")}
+    cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "compare", "overwrite")}
     cfg["model"] = args.model or r["model"]
     for key in ("lr", "momentum", "weight_decay", "batch_size", "delta_t"):
         if cfg[key] is None:
@@ -212,11 +220,15 @@ def resolve_config(args):
     cfg["sparsity"] = 0.0 if dense else (r["sparsity"] if args.sparsity is None else args.sparsity)
     kind = "dense" if method in ("single", "ensemble") else "treenet" if method == "treenet" else \
         "pruning" if method == "pruning" else "sparse"
-    epochs = args.epochs or EPOCHS[args.dataset][kind]
+    epochs = EPOCHS[args.dataset][kind] if args.epochs is None else args.epochs
     if args.extend_by_density:  # Evci et al. 2020: sparse runs may be extended by at most 1/(1-S)
-        epochs = math.floor((args.epochs or EPOCHS[args.dataset]["dense"]) / (1 - cfg["sparsity"]))
+        dense_epochs = EPOCHS[args.dataset]["dense"] if args.epochs is None else args.epochs
+        epochs = math.floor(dense_epochs / (1 - cfg["sparsity"]))
     cfg["epochs"] = epochs
-    cfg["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not str(args.data_dir).strip():
+        raise ValueError("--data-dir must name a folder, got ''")
+    cfg["device"] = neurotrails.check_device(args.device) if args.device else \
+        "cuda" if torch.cuda.is_available() else "cpu"
     on_gpu = cfg["device"].startswith("cuda")
     cfg["bf16"] = on_gpu if args.bf16 is None else args.bf16
     cfg["channels_last"] = on_gpu if args.channels_last is None else args.channels_last
@@ -231,16 +243,17 @@ def resolve_config(args):
     neurotrails.validate(cfg["model"], cfg["num_heads"], cfg["blocks_in_head"], num_blocks, cfg["sparsity"],
                          method == "ensemble")
     cfg["world_size"] = dist.get_world_size() if dist.is_initialized() else 1
+    # The default folder names what makes runs differ, so a quick run never lands in a real run's folder.
+    subsets = "".join(f"-{k}{v}" for k, v in (("train", args.train_subset), ("test", args.test_subset)) if v)
     cfg["out"] = args.out or (f"runs/{args.dataset}-{cfg['model']}-{method}-M{cfg['num_heads']}"
-                              f"-S{cfg['sparsity']}-seed{args.seed}")
+                              f"-S{cfg['sparsity']}-e{epochs}{subsets}-seed{args.seed}")
     validate(cfg)
     return cfg
 
 
 def validate(cfg):
-    """One clear ValueError per bad value, naming the flag."""
-    if cfg["batch_size"] < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {cfg['batch_size']}")
+    """One clear ValueError per bad combination, naming the flag (single values are range-checked
+    by their argparse types)."""
     if cfg["batch_size"] % cfg["world_size"]:
         raise ValueError(f"--batch-size {cfg['batch_size']} must be divisible by the {cfg['world_size']} processes")
     if cfg["epochs"] < 1:
@@ -249,10 +262,6 @@ def validate(cfg):
         raise ValueError(f"--sparsity must be in [0, 1), got {cfg['sparsity']}")
     if cfg["method"] not in ("single", "treenet", "ensemble") and cfg["sparsity"] == 0.0:
         raise ValueError(f"--method {cfg['method']} needs --sparsity > 0 (use treenet for a dense multi-head run)")
-    if cfg["num_heads"] < 1:
-        raise ValueError(f"--num-heads must be >= 1, got {cfg['num_heads']}")
-    if cfg["lr"] <= 0:
-        raise ValueError(f"--lr must be > 0, got {cfg['lr']}")
 
 
 def build_run(cfg, steps_per_epoch):
@@ -292,35 +301,18 @@ def prune_to_fixed_topology(net, cfg):
 # Checkpoints
 
 
-def save_checkpoint(path, state):
-    """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, cfg=None):
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--resume {path}: no such checkpoint")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"--resume {path}: not a readable checkpoint ({type(e).__name__})") from None
-    if cfg is not None:
-        diff = sorted(k for k in set(cfg) | set(state["config"])
-                      if k not in RESUMABLE_CHANGES and cfg.get(k) != state["config"].get(k))
-        if diff:
-            detail = ", ".join(f"{k}: checkpoint {state['config'].get(k)!r} vs now {cfg.get(k)!r}" for k in diff[:4])
-            raise ValueError(f"--resume {path}: checkpoint is from a different configuration ({detail})")
-    return state
+def load_checkpoint(path, cfg=None, flag="--resume"):
+    """A train_vision.py checkpoint; with cfg, refused unless it is from the same configuration."""
+    return neurotrails.load_checkpoint(path, SCRIPT, flag, cfg, RESUMABLE_CHANGES)
 
 
 def restore(state, net, opt, cfg):
+    """Weights, optimizer, masks and RNG of a checkpoint; the optimizer keeps this run's settings
+    (a resume may lower --lr, --momentum or --weight-decay)."""
     net.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
+    for group in opt.param_groups:
+        group.update(momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
     masks = None
     if state["masks"] is not None:
         masks = sparsity.Masks(neurotrails.masked_weights(net), {})
@@ -333,8 +325,13 @@ def restore(state, net, opt, cfg):
 # The training loop
 
 
-def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0):
+def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0, good=None, changed=None):
     """Train from start_epoch to cfg['epochs']; evaluate, log and checkpoint after every epoch.
+
+    good: the last checkpoint known to be finite (the one resumed from), named if training
+    diverges; changed: optimizer settings this resume changed, written into the first log line.
+    A state with NaN or inf anywhere (weights, BatchNorm statistics, momentum) is never evaluated
+    as a result nor saved: the run stops with exit code 1 and names `good`.
 
     Under torchrun: DistributedDataParallel averages the gradients (so RigL scores the all-reduced
     gradient), every topology update takes rank 0's masks, and only rank 0 evaluates, logs and saves.
@@ -374,7 +371,7 @@ def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0):
                     loss = neurotrails.ensemble_loss(forward(x), y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}; "
-                                         f"the last good checkpoint is {out / 'last.pt'}")
+                                         f"{neurotrails.last_good(good)}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -386,23 +383,30 @@ def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0):
                 masks = prune_to_fixed_topology(net, cfg)
             loss_sum += loss.detach()
         train_time = time.perf_counter() - start
+        # A step can blow up with a finite loss (inf BatchNorm variance, huge weights): check the
+        # whole state before it is evaluated, logged or saved.
+        state = {"model": net.state_dict(), "optimizer": opt.state_dict()}
+        bad = neurotrails.nonfinite_tensor(state)
+        if bad:
+            raise FloatingPointError(f"{bad} is NaN or inf after epoch {epoch + 1}; nothing was saved; "
+                                     f"{neurotrails.last_good(good)}")
         if rank != 0:  # only rank 0 evaluates, logs and saves; the others wait for it
             dist.barrier()
             continue
-        logits, labels = evaluate.predict(net, test_batches(test_data, 256, cfg["dataset"], device, cfg["workers"]))
         record = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": loss_sum.item() / steps_per_epoch,
-                  **evaluate.summarize(logits, labels, cfg["aggregate"]),
-                  "density": neurotrails.component_densities(net), "epoch_time_s": train_time,
-                  "ms_per_step": 1000 * train_time / steps_per_epoch}
+                  **test_metrics(net, test_data, cfg), "density": neurotrails.component_densities(net),
+                  "epoch_time_s": train_time, "ms_per_step": 1000 * train_time / steps_per_epoch}
+        if changed and epoch == start_epoch:
+            record["resumed_with"] = changed
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         print(f"epoch {epoch + 1} | loss {record['train_loss']:.3f} | lr {lr:.4g} | acc {100 * record['acc']:.1f}% | "
               f"nll {record['nll']:.3f} | ece {record['ece']:.3f} | pd {100 * record['pd_any']:.1f}% | "
               f"{record['ms_per_step']:.0f} ms/step", flush=True)
-        save_checkpoint(out / "last.pt", {
-            "config": cfg, "epoch": epoch + 1, "step": step, "model": net.state_dict(),
-            "optimizer": opt.state_dict(), "masks": masks.state_dict() if masks is not None else None,
-            "rng": torch.get_rng_state()})
+        neurotrails.save_checkpoint(out / "last.pt", SCRIPT, {
+            "config": cfg, "epoch": epoch + 1, "step": step, **state,
+            "masks": masks.state_dict() if masks is not None else None, "rng": torch.get_rng_state()})
+        good = out / "last.pt"
         if world > 1:
             dist.barrier()
     return record
@@ -412,44 +416,49 @@ def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0):
 # Entry points
 
 
-def run(cfg, resume=None):
-    """One configuration end to end; returns the last epoch's record plus cost figures."""
+def run(cfg, resume=None, overwrite=False):
+    """One configuration end to end; returns the last epoch's record plus cost figures.
+
+    --out is checked before anything is loaded (a folder holding another run is refused) and
+    locked while training; resuming into a new folder carries the old log over.
+    """
+    out, rank = Path(cfg["out"]), dist.get_rank() if dist.is_initialized() else 0
+    state = load_checkpoint(resume, cfg) if resume else None
+    if rank == 0:
+        neurotrails.check_run_folder(out, resume, overwrite)
     train_data, test_data = load_data(cfg["dataset"], cfg["data_dir"], cfg["train_subset"], cfg["test_subset"])
     steps_per_epoch = num_train(train_data) // cfg["batch_size"]
     if steps_per_epoch < 1:
         raise ValueError(f"--batch-size {cfg['batch_size']} is larger than the training set ({num_train(train_data)})")
-    state = load_checkpoint(resume, cfg) if resume else None
     net, masks, opt = build_run(cfg, steps_per_epoch)
-    out, rank = Path(cfg["out"]), dist.get_rank() if dist.is_initialized() else 0
-    start_epoch, step = 0, 0
+    start_epoch, step, changed = 0, 0, None
     if state is not None:
         masks = restore(state, net, opt, cfg)
         start_epoch, step = state["epoch"], state["step"]
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if state is not None:
-            _truncate_log(out / "log.jsonl", start_epoch)
-        else:
-            (out / "log.jsonl").unlink(missing_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg, indent=1))
-        print("config " + json.dumps(cfg), flush=True)
-    if dist.is_initialized():
-        dist.barrier()
-    record = train(cfg, net, masks, opt, train_data, test_data, start_epoch, step)
+        changed = neurotrails.record_resume(cfg, state, resume, OPTIMIZER_CHANGES, "epoch")
+    with neurotrails.run_folder(out, resume, overwrite) if rank == 0 else nullcontext():
+        if rank == 0:
+            source = Path(resume).parent / "log.jsonl" if resume else None
+            lines = source.read_text().splitlines()[:start_epoch] if source and source.exists() else []
+            (out / "log.jsonl").write_text("".join(line + "\n" for line in lines))  # a kill may leave later lines
+            (out / "config.json").write_text(json.dumps(cfg, indent=1))
+            print("config " + json.dumps(cfg), flush=True)
+        if dist.is_initialized():
+            dist.barrier()
+        record = train(cfg, net, masks, opt, train_data, test_data, start_epoch, step, resume, changed)
     if rank != 0:
         return None
-    if record is None:  # resumed a finished run
-        record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    if record is None:  # resumed a finished run: its result is the model as saved
+        record = {"epoch": start_epoch, "step": step, **test_metrics(net, test_data, cfg)}
     example = next(test_batches(test_data, 1, cfg["dataset"], cfg["device"]))[0]
     record.update(evaluate.parameter_counts(net), **cost_vs_single(net, cfg, example))
     return record
 
 
-def _truncate_log(path, epochs):
-    """Keep the first `epochs` lines of a log being resumed (a kill may leave a later one)."""
-    if path.exists():
-        lines = path.read_text().splitlines()[:epochs]
-        path.write_text("".join(line + "\n" for line in lines))
+def test_metrics(net, test_data, cfg):
+    """Accuracy, NLL, ECE, disagreement and per-head accuracy of the soft vote on the test set."""
+    batches = test_batches(test_data, 256, cfg["dataset"], cfg["device"], cfg["workers"])
+    return evaluate.summarize(*evaluate.predict(net, batches), cfg["aggregate"])
 
 
 def cost_vs_single(net, cfg, example):
@@ -467,7 +476,7 @@ def load_for_eval(checkpoint, data_dir=None, image_folder=None):
     image_folder: evaluate on this ImageFolder (one sub-folder per class, e.g. ImageNet-Sketch)
     with the dataset's test transform instead of the checkpoint's own test set.
     """
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint, flag="--checkpoint")
     cfg = dict(state["config"], device="cuda" if torch.cuda.is_available() else "cpu", channels_last=False)
     if data_dir:
         cfg["data_dir"] = data_dir
@@ -475,7 +484,8 @@ def load_for_eval(checkpoint, data_dir=None, image_folder=None):
     net.load_state_dict(state["model"])
     if image_folder:
         return net, cfg, _flat_image_folder(cfg["dataset"], Path(image_folder))
-    _, test_data = load_data(cfg["dataset"], cfg["data_dir"], None, cfg["test_subset"])
+    # The checkpoint's stored data_dir is only read: a folder the user did not name is never written.
+    _, test_data = load_data(cfg["dataset"], cfg["data_dir"], None, cfg["test_subset"], download=bool(data_dir))
     return net, cfg, test_data
 
 
@@ -500,14 +510,8 @@ def print_table(rows):
               f"{100 * r['pd_pairwise']:>9.2f} {r['infer_flops_vs_single']:>15.3f} {r['active_params']:>14,}")
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv=None):
-    ap = Parser(description="Train NeuroTrails or a baseline on an image dataset (paper Sec. 4.1). Defaults "
+    ap = neurotrails.Parser(prog=SCRIPT, description="Train NeuroTrails or a baseline on an image dataset (paper Sec. 4.1). Defaults "
                 "are the paper's recipe for the dataset; flags left unset take them.")
     ap.add_argument("--dataset", default="cifar100", choices=list(RECIPES), help="dataset (default: cifar100)")
     ap.add_argument("--data-dir", default="data", help="dataset folder; CIFAR-100 / Fashion-MNIST are downloaded "
@@ -519,33 +523,26 @@ def parse_args(argv=None):
                     help="comma-separated methods to train one after another, then print one comparison table")
     ap.add_argument("--model", default=None, help="base network (default per dataset: wrn28-10, resnet50, wrn16-4): "
                     + ", ".join(models.model_names()))
-    ap.add_argument("--num-heads", type=int, default=3, help="M, heads or ensemble members (single: 1)")
-    ap.add_argument("--blocks-in-head", type=int, default=None,
-                    help="|F_h|, blocks per head (default: paper's value, 8 for WRN-28-10, 10 for ResNet-50)")
-    ap.add_argument("--sparsity", type=float, default=None, help="S in [0, 1) of sparse methods (default: 0.8; "
-                    "ImageNet 0.7); dense methods use 0")
-    ap.add_argument("--allocation", default="global", choices=["global", "per-component"],
-                    help="ER solve over all tensors at once (released code) or per backbone / head (Alg. 1)")
-    ap.add_argument("--init", default="er", choices=["er", "uniform"], help="layerwise density rule")
-    ap.add_argument("--grow", default="rigl", choices=["rigl", "set"], help="regrowth: RigL (|grad|) or SET (random)")
-    ap.add_argument("--drop-fraction", type=float, default=0.5, help="p0, initial DST drop fraction (cosine to 0)")
-    ap.add_argument("--delta-t", type=int, default=None, help="steps between topology updates (100; ImageNet 1000)")
+    neurotrails.add_arguments(ap, None, " (default: 0.8; ImageNet 0.7); dense methods use 0", dst=True,
+                              delta_t_help=" (default: 100; ImageNet 1000)")
     ap.add_argument("--aggregate", default="probs", choices=["probs", "logits"],
                     help="ensemble prediction: mean of probabilities (paper) or of logits (released code)")
-    ap.add_argument("--epochs", type=int, default=None, help="override the paper's epochs for the method")
+    ap.add_argument("--epochs", type=int_in(1), default=None, help="override the paper's epochs for the method")
     ap.add_argument("--extend-by-density", action="store_true",
                     help="train floor(dense epochs / (1 - S)) epochs: the 1/(1-S) extension limit (Evci 2020)")
-    ap.add_argument("--batch-size", type=int, default=None, help="images per step (128; ImageNet 256)")
-    ap.add_argument("--lr", type=float, default=None, help="initial learning rate (0.1; ImageNet 0.256)")
-    ap.add_argument("--momentum", type=float, default=None, help="SGD Nesterov momentum (0.9; ImageNet 0.875)")
-    ap.add_argument("--weight-decay", type=float, default=None, help="L2 weight decay (5e-4; ImageNet 3.05e-5)")
-    ap.add_argument("--train-subset", type=int, default=None, help="train on a fixed random subset of N images")
-    ap.add_argument("--test-subset", type=int, default=None, help="test on a fixed random subset of N images")
-    ap.add_argument("--seed", type=int, default=0, help="seed of init, masks, data order and augmentation")
-    ap.add_argument("--out", default=None, help="output folder (default: runs/<dataset>-<model>-<method>-...)")
-    ap.add_argument("--resume", default=None, help="continue exactly from this last.pt")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers for ImageFolder datasets")
+    ap.add_argument("--batch-size", type=int_in(1), default=None, help="images per step (128; ImageNet 256)")
+    ap.add_argument("--lr", type=float_in(0, lo_open=True), default=None,
+                    help="initial learning rate > 0 (0.1; ImageNet 0.256); may change on --resume")
+    ap.add_argument("--momentum", type=float_in(0, 1, hi_open=True), default=None,
+                    help="SGD Nesterov momentum in [0, 1) (0.9; ImageNet 0.875); may change on --resume")
+    ap.add_argument("--weight-decay", type=float_in(0), default=None,
+                    help="L2 weight decay >= 0 (5e-4; ImageNet 3.05e-5); may change on --resume")
+    ap.add_argument("--train-subset", type=int_in(1), default=None, help="train on a fixed random subset of N images")
+    ap.add_argument("--test-subset", type=int_in(1), default=None, help="test on a fixed random subset of N images")
+    ap.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,
+                    help="seed of init, masks, data order and augmentation, in [0, 2^32)")
+    neurotrails.add_run_arguments(ap, "runs/<dataset>-<model>-<method>-M<M>-S<S>-e<epochs>-...-seed<seed>")
+    ap.add_argument("--workers", type=int_in(0, 256), default=0, help="DataLoader workers for ImageFolder datasets")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 autocast (default: on with CUDA)")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -566,6 +563,8 @@ def main(argv=None):
     init_distributed()
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
+        if args.compare and args.resume:
+            raise ValueError("--resume continues one run; it cannot be combined with --compare")
         if args.compare:
             methods = args.compare.split(",")
             bad = [m for m in methods if m not in METHODS]
@@ -576,14 +575,14 @@ def main(argv=None):
                 cfg = resolve_config(argparse.Namespace(**{**vars(args), "method": m, "out": None if args.out is None
                                                            else f"{args.out}/{m}"}))
                 print(f"\n== {m}", flush=True)
-                rows[m] = run(cfg)
+                rows[m] = run(cfg, overwrite=args.overwrite)
             if rank == 0:
                 print_table(rows)
         else:
-            record = run(resolve_config(args), args.resume)
+            record = run(resolve_config(args), args.resume, args.overwrite)
             if rank == 0:
                 print_table({args.method: record})
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         print(f"{ap.prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -62,12 +62,21 @@ def test_two_ranks_keep_identical_masks_and_weights_and_match_one_process(tmp_pa
         assert torch.equal(a["masks"][k], b["masks"][k]), k
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    # the same run in one process, with rank 0's mask generator: the same result up to float
-    # summation order (4 micro-batches accumulated here, 2 per rank and an all-reduce there)
+    # The same run in one process, with rank 0's mask generator. Guaranteed: the same topology
+    # budget. Not guaranteed bitwise: 4 micro-batches are summed here, 2 per rank plus an all-reduce
+    # there, and that float summation order differs by CPU kernel (AVX2 vs AVX-512). RigL then ranks
+    # |grad| values that differ in the last bits, so a near-tie at the growth threshold can go the
+    # other way. Bound: per tensor, at most 2% of the active positions differ (a tie flips a few
+    # out of thousands; a missing broadcast or a wrong gradient would move about half of those that
+    # grew), and the weights at positions active in both runs agree to float32 accumulation
+    # tolerance (rtol 1e-3 over 6 Adam updates).
     train_once(flags(corpus, tokenizer, tmp_path / "one"), 1000, tmp_path / "one.pt")
     one = torch.load(tmp_path / "one.pt", weights_only=True)
     for k in a["masks"]:
-        assert torch.equal(a["masks"][k], one["masks"][k]), k
+        assert int(a["masks"][k].sum()) == int(one["masks"][k].sum()), k
+        differ = int((a["masks"][k] != one["masks"][k]).sum()) // 2  # each moved weight: one off, one on
+        assert differ <= 0.02 * int(a["masks"][k].sum()), (k, differ)
     for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], one["model"][k], rtol=1e-3, atol=1e-4)
+        both = a["masks"][k] & one["masks"][k] if k in a["masks"] else torch.ones_like(a["model"][k], dtype=torch.bool)
+        torch.testing.assert_close(a["model"][k][both], one["model"][k][both], rtol=1e-3, atol=1e-4)
     assert (tmp_path / "ddp" / "log.jsonl").read_text().count("\n") == 2  # rank 0 alone logs

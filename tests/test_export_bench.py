@@ -62,11 +62,13 @@ def test_export_from_a_checkpoint_and_bad_input(tmp_path, capsys):
     cfg = {"dataset": "fashion-mnist", "model": "wrn10-1", "num_heads": 3, "blocks_in_head": 2,
            "method": "neurotrails", "aggregate": "probs"}
     net = export_bench.variant_net("nt:0.8", "wrn10-1", 3, 2, "global", 10, 1, seed=2)
-    torch.save({"config": cfg, "model": net.state_dict()}, tmp_path / "last.pt")
+    neurotrails.save_checkpoint(tmp_path / "last.pt", "train_vision.py", {
+        "config": cfg, "epoch": 1, "step": 1, "model": net.state_dict(), "optimizer": {}, "masks": None,
+        "rng": torch.get_rng_state()})
     export_bench.main(["export", "--checkpoint", str(tmp_path / "last.pt"), "--out", str(tmp_path / "c.onnx")])
     out = capsys.readouterr().out
     assert "max abs diff" in out and "head2" in out
-    for argv, match in [(["export", "--checkpoint", str(tmp_path / "none.pt")], "no such file"),
+    for argv, match in [(["export", "--checkpoint", str(tmp_path / "none.pt")], "no such checkpoint"),
                         (["bench", "--engines", "tensorrt"], "unknown engine 'tensorrt'"),
                         (["bench", "--variants", "nt:abc"], "is not nt:<sparsity>"),
                         (["bench", "--variants", "moe"], "unknown variant 'moe'")]:

@@ -92,7 +92,7 @@ def test_loss_is_the_mean_of_the_heads_cross_entropies():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"num_heads": 0}, r"--num-heads must be >= 1, got 0"),
+    ({"num_heads": 0}, r"--num-heads must be in \[1, 64\], got 0"),
     ({"blocks_in_head": 0}, r"--blocks-in-head must be in \[1, 3\] for wrn10-1, got 0"),
     ({"blocks_in_head": 4}, r"--blocks-in-head must be in \[1, 3\]"),
 ])
@@ -192,4 +192,4 @@ def test_summary_cli_tables_and_bad_flags():
     assert "--blocks-in-head must be in [1, 12] for wrn28-10, got 13" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
     bad = run_cli("--sparsity", "1")
-    assert bad.returncode == 2 and "--sparsity must be in [0, 1), got 1.0" in bad.stderr
+    assert bad.returncode == 2 and "argument --sparsity: must be a finite number in [0, 1), got 1" in bad.stderr

@@ -110,15 +110,15 @@ def test_resume_of_a_different_configuration_is_refused_and_leaves_the_checkpoin
     (["--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'", 2),
     (["--model", "vgg11"], "--model: unknown model 'vgg11'", 1),
     (["--model", "llama-9m"], "--model llama-9m is a language model; train it with train_lm.py", 1),
-    (["--num-heads", "0"], "--num-heads must be >= 1, got 0", 1),
-    (["--sparsity", "1.0"], "--sparsity must be in [0, 1), got 1.0", 1),
-    (["--sparsity", "-0.2"], "--sparsity must be in [0, 1), got -0.2", 1),
-    (["--blocks-in-head", "0"], "--blocks-in-head must be in [1, 3] for wrn10-1, got 0", 1),
+    (["--num-heads", "0"], "argument --num-heads: must be an integer in [1, 64], got 0", 2),
+    (["--sparsity", "1.0"], "argument --sparsity: must be a finite number in [0, 1), got 1.0", 2),
+    (["--sparsity", "-0.2"], "argument --sparsity: must be a finite number in [0, 1), got -0.2", 2),
+    (["--blocks-in-head", "0"], "argument --blocks-in-head: must be an integer >= 1, got 0", 2),
     (["--blocks-in-head", "4"], "--blocks-in-head must be in [1, 3] for wrn10-1, got 4", 1),
-    (["--batch-size", "0"], "--batch-size must be >= 1, got 0", 1),
+    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0", 2),
     (["--batch-size", "1000"], "--batch-size 1000 is larger than the training set (256)", 1),
     (["--resume", "/nonexistent/last.pt"], "--resume /nonexistent/last.pt: no such checkpoint", 1),
-    (["--lr", "1e12"], "loss is", 1),
+    (["--lr", "1e12"], "no checkpoint was saved; start again with a lower --lr", 1),
 ])
 def test_bad_input_gets_one_clear_line(args, match, code, data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -1,0 +1,371 @@
+"""Nothing is lost or mixed: a run folder is never overwritten by accident and never shared by two
+runs at once, a failed save (full disk) keeps the previous checkpoint, a diverged run saves
+nothing non-finite and names a checkpoint that exists, that checkpoint resumes with a lower
+learning rate, an exact resume reproduces the WHOLE checkpoint (RNG states included), no
+tokenizer runs a repository's code, and evaluate.py never writes where a checkpoint points."""
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import neurotrails
+import train_lm
+import train_vision
+from test_train_lm import write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion_mnist = pytest.mark.skipif(not DEBIAN.is_dir(), reason="needs the Debian package dataset-fashion-mnist")
+VISION = ["--dataset", "fashion-mnist", "--model", "wrn10-1", "--train-subset", "128", "--test-subset", "64",
+          "--batch-size", "32", "--delta-t", "2", "--num-heads", "2", "--blocks-in-head", "2"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    if DEBIAN.is_dir():
+        train_vision.load_data("fashion-mnist", d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def vision(data_dir, out, *extra):
+    return VISION + ["--data-dir", str(data_dir), "--out", str(out), *extra]
+
+
+def lm(corpus, out, *extra):
+    return ["--dataset", "text", "--data-dir", str(corpus), "--train-tokenizer", "300", "--model", "llama-9m",
+            "--seq-len", "24", "--batch-size", "4", "--micro-batch-size", "2", "--eval-tokens", "300",
+            "--delta-t", "2", "--log-every", "1", "--eval-every", "100", "--out", str(out), *extra]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_checkpoint(a, b, path="", ignore=("out", "resumed")):
+    """Every tensor bitwise equal (weights, masks, optimizer state, every RNG state), every other
+    value equal, except config entries that name the folder or the resume history."""
+    assert type(a) is type(b), path
+    if isinstance(a, dict):
+        keys = set(a) | set(b)
+        if path.endswith("config"):
+            keys -= set(ignore)
+        for k in keys:
+            assert k in a and k in b, f"{path}.{k} missing on one side"
+            assert_same_checkpoint(a[k], b[k], f"{path}.{k}", ignore)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_checkpoint(x, y, f"{path}[{i}]", ignore)
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), path
+    else:
+        assert a == b, path
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if not line.startswith("warning: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folders
+
+
+@needs_fashion_mnist
+def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_vision.main(vision(data_dir, out, "--epochs", "1"))
+    log, ckpt = (out / "log.jsonl").read_bytes(), (out / "last.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        train_vision.main(vision(data_dir, out, "--epochs", "1", "--seed", "1"))
+    assert e.value.code == 1
+    line = one_error_line(capsys)
+    assert f"--out {out} already holds a run" in line and "--resume" in line and "--overwrite" in line
+    assert (out / "log.jsonl").read_bytes() == log and (out / "last.pt").read_bytes() == ckpt
+    train_vision.main(vision(data_dir, out, "--epochs", "1", "--seed", "1", "--overwrite"))
+    assert load(out / "last.pt")["config"]["seed"] == 1
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
+
+
+@needs_fashion_mnist
+def test_a_second_run_on_a_folder_in_use_is_refused(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    with neurotrails.run_folder(out):  # the folder is being trained into by "another" run
+        with pytest.raises(SystemExit):
+            train_vision.main(vision(data_dir, out, "--epochs", "1", "--overwrite"))
+        assert "is in use by another running process" in one_error_line(capsys)
+    train_vision.main(vision(data_dir, out, "--epochs", "1", "--overwrite"))  # released: it runs
+    assert (out / "last.pt").exists()
+
+
+def test_the_default_folder_names_what_makes_runs_differ():
+    quick = train_vision.resolve_config(train_vision.parse_args(
+        ["--dataset", "fashion-mnist", "--model", "wrn10-2", "--train-subset", "6000", "--epochs", "4"])[1])
+    real = train_vision.resolve_config(train_vision.parse_args(["--dataset", "fashion-mnist", "--model", "wrn10-2"])[1])
+    assert quick["out"] != real["out"]
+    assert "-e4-" in quick["out"] and "-train6000-" in quick["out"] and "-e15-" in real["out"]
+    short, long_ = (train_lm.resolve_config(train_lm.parse_args(["--model", "llama-9m", "--updates", u])[1])["out"]
+                    for u in ("150", "1000"))
+    assert short != long_ and "-u150-" in short
+
+
+@needs_fashion_mnist
+def test_a_finished_run_resumes_into_a_new_folder(data_dir, tmp_path, capsys):
+    train_vision.main(vision(data_dir, tmp_path / "a", "--epochs", "2"))
+    train_vision.main(vision(data_dir, tmp_path / "b", "--epochs", "2", "--resume", str(tmp_path / "a" / "last.pt")))
+    assert (tmp_path / "b" / "log.jsonl").read_text() == (tmp_path / "a" / "log.jsonl").read_text()
+    assert_same_checkpoint(load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt"))
+    assert "neurotrails" in capsys.readouterr().out  # the result table
+
+
+def test_a_finished_lm_run_resumes_into_a_new_folder(corpus, tmp_path):
+    train_lm.main(lm(corpus, tmp_path / "a", "--updates", "3"))
+    train_lm.main(lm(corpus, tmp_path / "b", "--updates", "3", "--resume", str(tmp_path / "a" / "last.pt")))
+    assert (tmp_path / "b" / "log.jsonl").read_text() == (tmp_path / "a" / "log.jsonl").read_text()
+    assert (tmp_path / "b" / "last.pt").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Saves: full disk, intervals
+
+
+def full_disk_on(call):
+    """A torch.save that fails like a full disk on its `call`-th use, after writing part of the file."""
+    real, calls = torch.save, [0]
+
+    def save(obj, f, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(obj, f, *args, **kwargs)
+    return save
+
+
+@needs_fashion_mnist
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(neurotrails.torch, "save", full_disk_on(2))
+    with pytest.raises(SystemExit) as e:
+        train_vision.main(vision(data_dir, out, "--epochs", "3"))
+    assert e.value.code == 1
+    line = one_error_line(capsys)
+    assert "No space left on device" in line and f"the previous {out / 'last.pt'} is intact" in line
+    assert load(out / "last.pt")["epoch"] == 1 and not (out / "last.pt.tmp").exists()
+
+
+def test_a_full_disk_during_an_lm_save_keeps_the_previous_checkpoint(corpus, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(neurotrails.torch, "save", full_disk_on(3))
+    with pytest.raises(SystemExit):
+        train_lm.main(lm(corpus, out, "--updates", "6", "--save-every", "2"))
+    assert "No space left on device" in one_error_line(capsys)
+    assert load(out / "last.pt")["update"] == 4 and not (out / "last.pt.tmp").exists()
+
+
+def test_lm_saves_on_its_own_interval_when_it_is_not_a_multiple_of_the_log_interval(corpus, tmp_path, monkeypatch):
+    saved, real = [], neurotrails.save_checkpoint
+    monkeypatch.setattr(neurotrails, "save_checkpoint",
+                        lambda path, script, state: saved.append(state["update"]) or real(path, script, state))
+    train_lm.main(lm(corpus, tmp_path, "--updates", "11", "--save-every", "5", "--log-every", "3"))
+    assert saved == [5, 10, 11]
+    assert [json.loads(x)["update"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [3, 6, 9, 11]
+
+
+# ----------------------------------------------------------------------------------------------
+# Divergence: nothing non-finite is saved; the advice can be followed
+
+
+def assert_finite_or_absent(line, out):
+    if "the last finite checkpoint is" in line:
+        named = Path(line.split("the last finite checkpoint is ")[1].split(":")[0])
+        assert named.exists() and neurotrails.nonfinite_tensor(load(named)) is None
+    else:
+        assert "no checkpoint was saved" in line and not (out / "last.pt").exists()
+
+
+@needs_fashion_mnist
+def test_a_diverged_vision_run_saves_nothing_non_finite(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:  # lr 1e3: the loss stays finite for a step, BatchNorm does not
+        train_vision.main(vision(data_dir, out, "--epochs", "2", "--lr", "1e3"))
+    assert e.value.code == 1
+    line = one_error_line(capsys)
+    assert "NaN or inf" in line or "loss is" in line
+    assert_finite_or_absent(line, out)
+
+
+def test_a_diverged_lm_run_saves_nothing_non_finite(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        train_lm.main(lm(corpus, out, "--updates", "8", "--lr", "10", "--warmup", "0", "--save-every", "1"))
+    line = one_error_line(capsys)
+    assert "NaN or inf" in line or "loss is" in line
+    assert_finite_or_absent(line, out)
+
+
+@needs_fashion_mnist
+def test_a_divergence_names_a_checkpoint_that_resumes_with_a_lower_lr(data_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real, calls = train_vision.test_metrics, [0]
+
+    def stop_in_epoch_2(*args):  # the run dies after its epoch-1 checkpoint
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(train_vision, "test_metrics", stop_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_vision.main(vision(data_dir, out, "--epochs", "3"))
+    monkeypatch.setattr(train_vision, "test_metrics", real)
+    ckpt = out / "last.pt"
+    with pytest.raises(SystemExit):  # blows up within epoch 2 (a finite but wrecked epoch 2 would be saved)
+        train_vision.main(vision(data_dir, out, "--epochs", "3", "--lr", "1e8", "--resume", str(ckpt)))
+    line = one_error_line(capsys)
+    assert f"the last finite checkpoint is {ckpt}: --resume it with a lower --lr" in line, line
+    assert_finite_or_absent(line, out)
+    good = load(ckpt)
+    train_vision.main(vision(data_dir, out, "--epochs", "3", "--lr", "0.01", "--momentum", "0.5", "--resume", str(ckpt)))
+    config = json.loads((out / "config.json").read_text())
+    assert config["lr"] == 0.01
+    assert config["resumed"][-1]["changed"] == {"lr": [good["config"]["lr"], 0.01], "momentum": [0.9, 0.5]}
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[good["epoch"]]["resumed_with"]["lr"][1] == 0.01
+    state = load(ckpt)
+    assert state["epoch"] == 3 and all(g["momentum"] == 0.5 for g in state["optimizer"]["param_groups"])
+
+
+def test_an_lm_divergence_names_a_checkpoint_that_resumes_with_a_lower_lr(corpus, tmp_path, capsys):
+    out, ckpt = tmp_path / "run", tmp_path / "run" / "last.pt"
+    train_lm.main(lm(corpus, out, "--updates", "6", "--stop-after", "3"))
+    with pytest.raises(SystemExit):
+        train_lm.main(lm(corpus, out, "--updates", "6", "--lr", "1e30", "--resume", str(ckpt)))
+    assert f"the last finite checkpoint is {ckpt}" in one_error_line(capsys)
+    train_lm.main(lm(corpus, out, "--updates", "6", "--lr", "1e-3", "--weight-decay", "0.01", "--resume", str(ckpt)))
+    config = json.loads((out / "config.json").read_text())
+    assert config["resumed"][-1]["changed"] == {"lr": [1.5e-3, 1e-3], "weight_decay": [0.0, 0.01]}
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows] == [1, 2, 3, 4, 5, 6] and "resumed_with" in rows[3]
+    assert all(g["weight_decay"] == 0.01 for g in load(ckpt)["optimizer"]["param_groups"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact resume: the whole checkpoint
+
+
+def test_an_lm_resume_reproduces_the_whole_checkpoint_rng_included(corpus, tmp_path):
+    args = ["--updates", "7", "--save-every", "3"]
+    train_lm.main(lm(corpus, tmp_path / "whole", *args))
+    train_lm.main(lm(corpus, tmp_path / "split", *args, "--stop-after", "4"))
+    train_lm.main(lm(corpus, tmp_path / "split", *args, "--resume", str(tmp_path / "split" / "last.pt")))
+    assert_same_checkpoint(load(tmp_path / "whole" / "last.pt"), load(tmp_path / "split" / "last.pt"))
+
+
+@needs_fashion_mnist
+def test_a_sigkilled_vision_run_resumes_to_the_whole_checkpoint(data_dir, tmp_path):
+    args = vision(data_dir, tmp_path / "b", "--epochs", "4", "--grow", "set")
+    train_vision.main(vision(data_dir, tmp_path / "a", "--epochs", "4", "--grow", "set"))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_vision.py"), *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (tmp_path / "b" / "last.pt").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 1 <= load(tmp_path / "b" / "last.pt")["epoch"] < 4, "the run was not interrupted mid-way"
+    train_vision.main(args + ["--resume", str(tmp_path / "b" / "last.pt")])  # the lock died with the process
+    assert_same_checkpoint(load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt"))
+
+
+# ----------------------------------------------------------------------------------------------
+# What must never run or be written
+
+
+def test_a_tokenizer_folder_with_custom_code_is_refused_without_running_it(tmp_path):
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}}))
+    (folder / "evil.py").write_text("import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('ran')\n"
+                                    "from transformers import PreTrainedTokenizer\n"
+                                    "class EvilTokenizer(PreTrainedTokenizer):\n    pass\n")
+    out = subprocess.run([sys.executable, "-c", f"import train_lm; train_lm.load_tokenizer({str(folder)!r})"],
+                         cwd=ROOT, capture_output=True, text=True, input="y\n", timeout=120)
+    assert out.returncode != 0 and "not a tokenizer file or folder" in out.stderr and "custom code" in out.stderr
+    assert not (folder / "RAN").exists()
+
+
+@needs_fashion_mnist
+def test_evaluate_never_writes_where_the_checkpoint_points(tmp_path):
+    fresh = tmp_path / "fresh"  # data unpacked by the training run itself
+    train_vision.main(vision(fresh, tmp_path / "run", "--epochs", "1"))
+    state = load(tmp_path / "run" / "last.pt")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    state["config"]["data_dir"] = str(elsewhere)  # e.g. a checkpoint from another machine
+    torch.save(state, tmp_path / "moved.pt")
+    evaluate_py = [sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(tmp_path / "moved.pt"), "--json"]
+    out = subprocess.run(evaluate_py, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 1 and "could not be loaded" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert list(elsewhere.iterdir()) == []
+    out = subprocess.run(evaluate_py + ["--data-dir", str(fresh)], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT)
+    assert out.returncode == 0 and 0 <= json.loads(out.stdout.splitlines()[-1])["acc"] <= 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Kills at random moments (slow): no unloadable checkpoint, and the same finish
+
+
+def kill_loop(command, out, kills, start, spread, seed=0):
+    """Run `command` (with --resume OUT/last.pt once there is one) and SIGKILL it `kills` times at
+    random moments; every checkpoint left behind must load; then let it finish."""
+    rng, unloadable = random.Random(seed), 0
+    for _ in range(kills):
+        resume = ["--resume", str(out / "last.pt")] if (out / "last.pt").exists() else ["--overwrite"]
+        proc = subprocess.Popen(command + resume, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(start + rng.random() * spread)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if (out / "last.pt").exists():
+            try:
+                neurotrails.load_checkpoint(out / "last.pt")
+            except ValueError:
+                unloadable += 1
+    resume = ["--resume", str(out / "last.pt")] if (out / "last.pt").exists() else ["--overwrite"]
+    subprocess.run(command + resume, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return unloadable
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_twenty_random_sigkills_of_a_vision_run_lose_nothing(data_dir, tmp_path):
+    args = vision(data_dir, tmp_path / "b", "--epochs", "40", "--train-subset", "64", "--test-subset", "32")
+    train_vision.main(vision(data_dir, tmp_path / "a", "--epochs", "40", "--train-subset", "64",
+                             "--test-subset", "32"))
+    assert kill_loop([sys.executable, str(ROOT / "train_vision.py"), *args], tmp_path / "b", 20, 3.0, 4.0) == 0
+    assert_same_checkpoint(load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt"))
+
+
+@pytest.mark.slow
+def test_twenty_random_sigkills_of_an_lm_run_lose_nothing(corpus, tmp_path):
+    args = lm(corpus, tmp_path / "b", "--updates", "60", "--save-every", "1", "--log-every", "1")
+    train_lm.main(lm(corpus, tmp_path / "a", "--updates", "60", "--save-every", "1", "--log-every", "1"))
+    assert kill_loop([sys.executable, str(ROOT / "train_lm.py"), *args], tmp_path / "b", 20, 4.0, 4.0) == 0
+    assert_same_checkpoint(load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt"))
