@@ -1,5 +1,7 @@
 """export_bench.py: the ONNX graph equals the PyTorch soft vote, keeps every zero, runs on
 DeepSparse; bad input gets one clear line."""
+import sys
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -100,3 +102,12 @@ def test_deepsparse_output_matches_onnxruntime(tmp_path):
     ds = export_bench.make_runner("deepsparse", tmp_path / "m.onnx", 4, 1)(x)[0]
     ref = export_bench.make_runner("onnxruntime", tmp_path / "m.onnx", 4, 1)(x)[0]
     np.testing.assert_allclose(ds, ref, rtol=0, atol=1e-4)
+
+
+def test_without_deepsparse_bench_says_so_in_one_line_and_runs_onnxruntime(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "deepsparse", None)  # as on Python >= 3.12, where it does not install
+    results = export_bench.bench(["nt:0.9"], ["deepsparse", "onnxruntime"], "wrn10-1", 3, 2, "global",
+                                 batch_size=2, threads=1, rounds=1, num_classes=10, shape=SHAPE)
+    assert set(results) == {("onnxruntime", "single"), ("onnxruntime", "nt:0.9")}
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("DeepSparse unavailable") and "ONNX Runtime only" in err[0]

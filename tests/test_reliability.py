@@ -335,8 +335,9 @@ def test_evaluate_never_writes_where_the_checkpoint_points(tmp_path):
 
 def kill_loop(command, out, kills, start, spread, seed=0):
     """Run `command` (with --resume OUT/last.pt once there is one) and SIGKILL it `kills` times at
-    random moments; every checkpoint left behind must load; then let it finish."""
-    rng, unloadable = random.Random(seed), 0
+    random moments; every checkpoint left behind must load. Then let it finish. Returns the
+    progress (epoch or update of last.pt) after each kill and the number of unloadable files."""
+    rng, unloadable, progress = random.Random(seed), 0, []
     for _ in range(kills):
         resume = ["--resume", str(out / "last.pt")] if (out / "last.pt").exists() else ["--overwrite"]
         proc = subprocess.Popen(command + resume, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -345,12 +346,14 @@ def kill_loop(command, out, kills, start, spread, seed=0):
         proc.wait()
         if (out / "last.pt").exists():
             try:
-                neurotrails.load_checkpoint(out / "last.pt")
+                state = neurotrails.load_checkpoint(out / "last.pt")
+                progress.append(state.get("epoch", state.get("update")))
             except ValueError:
                 unloadable += 1
     resume = ["--resume", str(out / "last.pt")] if (out / "last.pt").exists() else ["--overwrite"]
     subprocess.run(command + resume, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return unloadable
+    print(f"progress after each kill: {progress}; unloadable: {unloadable}")
+    return progress, unloadable
 
 
 @pytest.mark.slow
@@ -359,7 +362,8 @@ def test_twenty_random_sigkills_of_a_vision_run_lose_nothing(data_dir, tmp_path)
     args = vision(data_dir, tmp_path / "b", "--epochs", "40", "--train-subset", "64", "--test-subset", "32")
     train_vision.main(vision(data_dir, tmp_path / "a", "--epochs", "40", "--train-subset", "64",
                              "--test-subset", "32"))
-    assert kill_loop([sys.executable, str(ROOT / "train_vision.py"), *args], tmp_path / "b", 20, 3.0, 4.0) == 0
+    progress, unloadable = kill_loop([sys.executable, str(ROOT / "train_vision.py"), *args], tmp_path / "b", 20, 3.0, 4.0)
+    assert unloadable == 0 and len(set(progress)) >= 5  # the kills landed at many points of the run
     assert_same_checkpoint(load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt"))
 
 
@@ -367,5 +371,6 @@ def test_twenty_random_sigkills_of_a_vision_run_lose_nothing(data_dir, tmp_path)
 def test_twenty_random_sigkills_of_an_lm_run_lose_nothing(corpus, tmp_path):
     args = lm(corpus, tmp_path / "b", "--updates", "60", "--save-every", "1", "--log-every", "1")
     train_lm.main(lm(corpus, tmp_path / "a", "--updates", "60", "--save-every", "1", "--log-every", "1"))
-    assert kill_loop([sys.executable, str(ROOT / "train_lm.py"), *args], tmp_path / "b", 20, 4.0, 4.0) == 0
+    progress, unloadable = kill_loop([sys.executable, str(ROOT / "train_lm.py"), *args], tmp_path / "b", 20, 4.0, 4.0)
+    assert unloadable == 0 and len(set(progress)) >= 5  # the kills landed at many points of the run
     assert_same_checkpoint(load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt"))
