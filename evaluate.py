@@ -12,9 +12,12 @@ Paper map (arXiv 2505.17909):
             reliability diagram                                 -> plot_reliability()
 
 The metric functions are pure: they take per-head probabilities (M, N, C) or ensemble
-probabilities (N, C) and labels (N), and touch no model. train_vision.py imports this module for
-them; `python evaluate.py --checkpoint PATH` evaluates a saved vision run on its test set (the data
-loading it needs is train_vision.load_data, imported inside that command only).
+probabilities (N, C) and labels (N), and touch no model. This module imports only the library
+(models.py, neurotrails.py): the trainers import it for the metrics, never the other way round.
+`python evaluate.py --checkpoint PATH` reads the script that wrote the checkpoint from it and runs
+`<script> --eval-only` with the same flags, since the data loading lives with that script; the
+reporting (report_image_checkpoint, report_language_checkpoint) lives here. `evaluate.py lm-eval`
+and `evaluate.py flops` need no data loader and run here.
 
 Corruptions: 9 of the 19 CIFAR-100-C corruptions, generated on the fly at the severities of the
   benchmark's generation code: the noise family (gaussian, shot, impulse, speckle), gaussian blur,
@@ -30,6 +33,7 @@ import argparse
 import contextlib
 import json
 import math
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -484,7 +488,6 @@ def lm_eval_main(argv):
     ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     ap.add_argument("--json", action="store_true", help="print the harness' per-task results as one JSON object")
     args = ap.parse_args(argv)
-    import train_lm  # model rebuilding and the tokenizer live with the training script
     try:  # every flag first, then the checkpoint, then the hub: a typo fails in seconds
         tasks = [t for t in args.tasks.split(",") if t]
         if not tasks:
@@ -493,13 +496,13 @@ def lm_eval_main(argv):
             raise ValueError(f"--include-path {args.include_path}: no such folder")
         if args.device:
             neurotrails.check_device(args.device)
-        net, tokenizer, config = train_lm.load_for_eval(args.checkpoint, args.device)
+        net, tokenizer, config = load_language_model(args.checkpoint, args.device)
         from lm_eval.tasks import TaskManager
         manager = TaskManager(include_path=args.include_path)  # indexes every task: ~10 s
         unknown = [t for t in tasks if not manager.match_tasks([t])]
         if unknown:
             raise ValueError(f"--tasks: unknown lm-eval task {unknown[0]!r} (see `lm_eval ls tasks`)")
-        if not args.include_path and not train_lm.offline_mode() and not train_lm.hub_reachable():
+        if not args.include_path and not models.offline_mode() and not models.hub_reachable():
             raise ValueError("lm-eval tasks load their data from the HuggingFace hub, which cannot be reached; "
                              "set HF_DATASETS_OFFLINE=1 to use a local datasets cache, or --include-path for local tasks")
         import lm_eval
@@ -518,27 +521,104 @@ def lm_eval_main(argv):
         print(f"{task:<24} " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
-def _language_checkpoint(path):
-    """True for a train_lm.py checkpoint (read lazily: only its keys are touched)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return neurotrails.checkpoint_script(state) == "train_lm.py"
-    except Exception:
-        return False  # the vision path reports what is wrong with it
+def load_language_model(path, device=None):
+    """(network in eval mode, tokenizer, config) of a train_lm.py checkpoint, through the library
+    alone: the checkpoint describes its network and carries its tokenizer (or names it)."""
+    state = neurotrails.load_checkpoint(path, "train_lm.py", "--checkpoint")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = dict(state["config"], device=device, bf16=device.startswith("cuda"))
+    tokenizer = models.load_tokenizer(config["tokenizer"], state.get("tokenizer_json"))
+    return neurotrails.model_from_checkpoint(state, device).eval(), tokenizer, config
 
 
-def _perplexity_main(args):
-    """evaluate.py --checkpoint on a train_lm.py checkpoint: perplexities on its validation data."""
-    import train_lm
+CHECKPOINT_FLAGS = ("checkpoint", "data_dir", "batch_size", "aggregate", "plot", "json", "corruptions", "image_folder")
+
+
+def add_checkpoint_arguments(ap):
+    """The flags of a checkpoint evaluation, declared once: evaluate.py's own and those of
+    `train_vision.py --eval-only` / `train_lm.py --eval-only`, which evaluate.py runs for it."""
+    ap.add_argument("--checkpoint", help="a checkpoint written by train_vision.py or train_lm.py")
+    ap.add_argument("--data-dir", default=None, help="dataset folder (default: the one stored in the checkpoint, "
+                    "read only: nothing is downloaded or unpacked there unless --data-dir names it)")
+    ap.add_argument("--batch-size", type=int_in(1), default=256, help="test batch size")
+    ap.add_argument("--aggregate", default=None, choices=["probs", "logits"],
+                    help="ensemble rule (default: the checkpoint's): mean of probabilities or of logits")
+    ap.add_argument("--plot", default=None, help="write a reliability diagram PNG here (vision)")
+    ap.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    ap.add_argument("--corruptions", nargs="?", const="all", default=None,
+                    help="also evaluate on corrupted test images at severities 1-5: 'all' or a comma-separated "
+                         "subset of " + ", ".join(CORRUPTIONS) + " (CIFAR-100 / Fashion-MNIST checkpoints)")
+    ap.add_argument("--image-folder", default=None,
+                    help="evaluate on this ImageFolder (one folder per class, e.g. ImageNet-Sketch) instead")
+
+
+def check_checkpoint_arguments(args, script):
+    """One-line ValueError for a checkpoint-evaluation flag that cannot work, before any work."""
+    names = corruption_names(args.corruptions)
+    if any(n not in CORRUPTIONS for n in names):
+        raise ValueError(f"--corruptions: unknown corruption in {args.corruptions!r}; choose from "
+                         f"{', '.join(CORRUPTIONS)}")
+    if args.plot:
+        neurotrails.check_writable_file(args.plot, "--plot")
+    if args.image_folder and not Path(args.image_folder).is_dir():
+        raise ValueError(f"--image-folder {args.image_folder}: no such folder")
+    if script == "train_lm.py":
+        used = [f for f in ("plot", "corruptions", "image_folder", "aggregate") if getattr(args, f)]
+        if used:
+            raise ValueError(f"--{used[0].replace('_', '-')} is for image checkpoints; {args.checkpoint} is a "
+                             "train_lm.py checkpoint (its evaluation is the validation perplexity)")
+
+
+def eval_only_args(argv, script):
+    """The parsed and checked flags of `<script> --eval-only` (a one-line error and exit 1 else)."""
+    ap = neurotrails.Parser(prog=f"{script} --eval-only", description=f"Evaluate a {script} checkpoint on its own "
+                            "data: the flags of evaluate.py --checkpoint, which runs this for you.")
+    add_checkpoint_arguments(ap)
+    args = ap.parse_args(argv)
     try:
-        net, tokenizer, cfg = train_lm.load_for_eval(args.checkpoint)
-        if args.data_dir:
-            cfg["data_dir"] = args.data_dir
-        batches = train_lm.validation_batches(cfg, tokenizer)
+        if not args.checkpoint:
+            raise ValueError("--eval-only needs --checkpoint PATH")
+        check_checkpoint_arguments(args, script)
     except (ValueError, OSError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
-    result = {**perplexity(net, batches, train_lm.bf16_autocast(cfg)), **parameter_counts(net)}
+    return ap.prog, args
+
+
+def corruption_names(spec):
+    return [] if not spec else list(CORRUPTIONS) if spec == "all" else spec.split(",")
+
+
+def report_image_checkpoint(net, batches, args, aggregate, test_data=None, normalize=None):
+    """Metrics of a vision checkpoint on its test batches (what `evaluate.py --checkpoint` prints),
+    plus the corruption table (test_data: the uint8 test set, normalize: its normalisation) and
+    the reliability diagram when asked for."""
+    logits, labels = predict(net, batches)
+    result = {**summarize(logits, labels, aggregate), **parameter_counts(net)}
+    names = corruption_names(args.corruptions)
+    if names:
+        table = corruption_table(net, test_data, normalize, names, aggregate, args.batch_size)
+        result["corruptions"] = {f"{n}/{s}": v for (n, s), v in table.items()}
+        result["corruption_acc_by_severity"] = [sum(table[n, s]["acc"] for n in names) / len(names)
+                                                for s in range(1, 6)]
+    if args.plot:
+        plot_reliability(neurotrails.soft_vote(logits, aggregate), labels, args.plot)
+    if args.json:
+        print(json.dumps(result))
+        return
+    corruptions = result.pop("corruptions", None)
+    by_severity = result.pop("corruption_acc_by_severity", None)
+    print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    if corruptions:
+        print(f"\n{'corruption':<18}" + "".join(f"{'sev ' + str(s):>9}" for s in range(1, 6)) + "   (accuracy %)")
+        for n in names:
+            print(f"{n:<18}" + "".join(f"{100 * corruptions[f'{n}/{s}']['acc']:>9.2f}" for s in range(1, 6)))
+        print(f"{'mean':<18}" + "".join(f"{100 * a:>9.2f}" for a in by_severity))
+
+
+def report_language_checkpoint(net, batches, args, autocast=None):
+    """Validation perplexities of a language checkpoint (soft vote, mean of logits, per head)."""
+    result = {**perplexity(net, batches, autocast), **parameter_counts(net)}
     if args.json:
         print(json.dumps(result))
         return
@@ -552,31 +632,22 @@ def main():
         return flops_main(sys.argv[2:])
     if sys.argv[1:2] == ["lm-eval"]:
         return lm_eval_main(sys.argv[2:])
-    ap = neurotrails.Parser(prog="evaluate.py", description="Evaluate a saved train_vision.py checkpoint on its test set "
-                                 "(accuracy, NLL, ECE, disagreement, per-head accuracy, FLOPs) or a train_lm.py "
-                                 "checkpoint on its validation tokens (perplexities), or plot a log. Subcommands: "
-                                 "`evaluate.py flops --help`, `evaluate.py lm-eval --help`.")
-    ap.add_argument("--checkpoint", help="a checkpoint written by train_vision.py or train_lm.py")
-    ap.add_argument("--data-dir", default=None, help="dataset folder (default: the one stored in the checkpoint, "
-                    "read only: nothing is downloaded or unpacked there unless --data-dir names it)")
-    ap.add_argument("--batch-size", type=int_in(1), default=256, help="test batch size")
-    ap.add_argument("--aggregate", default=None, choices=["probs", "logits"],
-                    help="ensemble rule (default: the checkpoint's): mean of probabilities or of logits")
-    ap.add_argument("--plot", default=None, help="write a reliability diagram PNG here")
+    ap = neurotrails.Parser(prog="evaluate.py", description="Evaluate a saved train_vision.py checkpoint "
+                            "on its test set (accuracy, NLL, ECE, disagreement, per-head accuracy) or a train_lm.py "
+                            "checkpoint on its validation tokens (perplexities), or plot a log. The data are read "
+                            "by the script that wrote the checkpoint (`<script> --eval-only ...`, run for you). "
+                            "Subcommands: `evaluate.py flops --help`, `evaluate.py lm-eval --help`.")
+    add_checkpoint_arguments(ap)
     ap.add_argument("--history", default=None, help="a training JSONL log: plot accuracy and disagreement")
     ap.add_argument("--history-plot", default="history.png", help="output PNG for --history")
-    ap.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
-    ap.add_argument("--corruptions", nargs="?", const="all", default=None,
-                    help="also evaluate on corrupted test images at severities 1-5: 'all' or a comma-separated "
-                         "subset of " + ", ".join(CORRUPTIONS) + " (CIFAR-100 / Fashion-MNIST checkpoints)")
-    ap.add_argument("--image-folder", default=None,
-                    help="evaluate on this ImageFolder (one folder per class, e.g. ImageNet-Sketch) instead")
     args = ap.parse_args()
     if not args.checkpoint and not args.history:
         ap.error("give --checkpoint and/or --history")
-    try:  # every output path before any work
-        if args.plot:
-            neurotrails.check_writable_file(args.plot, "--plot")
+    try:  # every flag and output path before any work
+        script = None
+        if args.checkpoint:
+            script = neurotrails.load_checkpoint(args.checkpoint, flag="--checkpoint", mmap=True)["script"]
+            check_checkpoint_arguments(args, script)
         if args.history:
             if not Path(args.history).is_file():
                 raise ValueError(f"--history {args.history}: no such log file")
@@ -586,49 +657,15 @@ def main():
     except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(1)
-    if not args.checkpoint:
-        return
-    if _language_checkpoint(args.checkpoint):
-        return _perplexity_main(args)
-    import train_vision  # data loading and model rebuilding live with the training script
-    names = list(CORRUPTIONS) if args.corruptions == "all" else (args.corruptions or "").split(",")
-    try:
-        if args.corruptions and any(n not in CORRUPTIONS for n in names):
-            raise ValueError(f"--corruptions: unknown corruption in {args.corruptions!r}; "
-                             f"choose from {', '.join(CORRUPTIONS)}")
-        net, config, data = train_vision.load_for_eval(args.checkpoint, args.data_dir, args.image_folder)
-        if args.corruptions and not isinstance(data, dict):
-            raise ValueError("--corruptions needs an in-memory test set (CIFAR-100 or Fashion-MNIST checkpoints)")
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    aggregate = args.aggregate or config["aggregate"]
-    if isinstance(data, dict):
-        test = train_vision.test_batches(data, args.batch_size, config["dataset"], config["device"])
-    else:
-        test = torch.utils.data.DataLoader(data, args.batch_size)
-    logits, labels = predict(net, test)
-    result = summarize(logits, labels, aggregate)
-    result.update(parameter_counts(net))
-    if args.corruptions:
-        table = corruption_table(net, data, lambda x: train_vision.normalize(x.to(config["device"]), config["dataset"]),
-                                 names, aggregate, args.batch_size)
-        result["corruptions"] = {f"{n}/{s}": v for (n, s), v in table.items()}
-        result["corruption_acc_by_severity"] = [
-            sum(table[n, s]["acc"] for n in names) / len(names) for s in range(1, 6)]
-    if args.plot:
-        plot_reliability(neurotrails.soft_vote(logits, args.aggregate or config["aggregate"]), labels, args.plot)
-    if args.json:
-        print(json.dumps(result))
-        return
-    corruptions = result.pop("corruptions", None)
-    by_severity = result.pop("corruption_acc_by_severity", None)
-    print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
-    if corruptions:
-        print(f"\n{'corruption':<18}" + "".join(f"{'sev ' + str(s):>9}" for s in range(1, 6)) + "   (accuracy %)")
-        for n in names:
-            print(f"{n:<18}" + "".join(f"{100 * corruptions[f'{n}/{s}']['acc']:>9.2f}" for s in range(1, 6)))
-        print(f"{'mean':<18}" + "".join(f"{100 * a:>9.2f}" for a in by_severity))
+    if script:  # the data belong to the script that wrote the checkpoint: it evaluates, with these flags
+        flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k in CHECKPOINT_FLAGS
+                 if (v := getattr(args, k)) not in (None, False)]
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / script), "--eval-only", *flags],
+                              capture_output=True, text=True)
+        sys.stdout.write(done.stdout)
+        sys.stderr.write(done.stderr)
+        if done.returncode:
+            sys.exit(done.returncode)
 
 
 if __name__ == "__main__":

@@ -94,20 +94,12 @@ def variant_sparsity(variant):
 
 
 def net_from_checkpoint(path):
-    """A train_vision.py checkpoint -> (network with its weights, aggregate, input shape)."""
+    """A train_vision.py checkpoint -> (network with its weights, aggregate, input shape), from
+    what the checkpoint says of itself."""
     state = neurotrails.load_checkpoint(path, "train_vision.py", "--checkpoint")
-    cfg = state["config"]
-    classes = {"cifar100": 100, "tinyimagenet": 200, "imagenet": 1000, "fashion-mnist": 10}[cfg["dataset"]]
-    channels = 1 if cfg["dataset"] == "fashion-mnist" else 3
-    net = neurotrails.build(cfg["model"], cfg["num_heads"], cfg["blocks_in_head"], cfg["method"] == "ensemble",
-                            num_classes=classes, in_channels=channels)
-    net.load_state_dict(state["model"])
-    return net, cfg["aggregate"], input_shape(cfg["dataset"])
-
-
-def input_shape(dataset):
-    return {"cifar100": (3, 32, 32), "tinyimagenet": (3, 64, 64), "imagenet": (3, 224, 224),
-            "fashion-mnist": (1, 28, 28)}[dataset]
+    if "input_shape" not in state:
+        raise ValueError(f"--checkpoint {path}: predates the self-describing format (no input_shape)")
+    return neurotrails.model_from_checkpoint(state), state["config"]["aggregate"], tuple(state["input_shape"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,12 +11,20 @@ Paper map (arXiv 2505.17909):
 Block counts L: WRN-d-k has 3 * (d - 4) / 6 blocks (12 for WRN-28-10), ResNet-50 16 bottlenecks,
 CIFAR ResNet-18 8 basic blocks, LLaMA one block per decoder layer (12 for 130M, 24 for 350M).
 
-Imports: torch and torchvision at module scope; transformers only inside llama().
+Also the tokenizer of a language model (load_tokenizer: a tokenizer.json, a local folder, the HF
+cache or the hub; never a repository's own code) and the hub checks it needs (offline_mode,
+hub_reachable), so that every reader of a language checkpoint gets the same vocabulary.
+
+Imports: torch and torchvision at module scope; transformers only inside llama() and load_tokenizer().
 
 Deviation: ResNet-50 head pooling. Released code: pools a 4x4 window of the 7x7 map. Ours:
   torchvision's global average pooling, so a single dense model is exactly torchvision's resnet50.
 """
+import os
 import re
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -194,3 +202,53 @@ def build(name, num_classes=100, in_channels=3, vocab_size=32000):
     if name in LLAMA_CONFIGS:
         return llama(name, vocab_size)
     raise ValueError(f"--model: unknown model {name!r}; choose one of: {', '.join(model_names())}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers of the language models, and the hub
+
+
+def offline_mode():
+    """HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set: only local files and caches may be used."""
+    flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in flags)
+
+
+def hub_reachable():
+    """False at once when offline mode is set or the hub's host does not resolve/connect, so that a
+    missing dataset or tokenizer fails in seconds instead of after minutes of retries."""
+    if offline_mode():
+        return False
+    from huggingface_hub import constants
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_tokenizer(name=None, tokenizer_json=None):
+    """A transformers tokenizer: from a tokenizer.json string (a --train-tokenizer run), a local
+    file or folder, the local HF cache, or the hub, in that order."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    if tokenizer_json is not None or (name and Path(name).is_file()):
+        from tokenizers import Tokenizer
+        try:
+            tok = Tokenizer.from_str(Path(name).read_text() if tokenizer_json is None else tokenizer_json)
+        except Exception:  # also UnicodeDecodeError: a binary file
+            raise ValueError(f"--tokenizer {name}: not a tokenizer file (a tokenizer.json) or folder") from None
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
+    try:  # trust_remote_code=False: a folder's auto_map code is never run (nor asked about)
+        return AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
+    except Exception as e:
+        if Path(name).exists():
+            reason = " ".join(str(e).split())[:120]
+            raise ValueError(f"--tokenizer {name}: not a tokenizer file or folder ({reason})") from None
+    if not hub_reachable():
+        raise ValueError(f"--tokenizer {name}: not in the local cache and the HuggingFace hub cannot be reached; "
+                         "give a local path, or --train-tokenizer N to train one on the training text")
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=False)  # never run a repo's code
+    except Exception as e:
+        raise ValueError(f"--tokenizer {name}: could not be loaded ({type(e).__name__}: {str(e)[:120]})") from None

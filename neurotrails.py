@@ -38,6 +38,7 @@ import shutil
 import sys
 from collections import OrderedDict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -45,6 +46,51 @@ import torch.nn.functional as F
 
 import models
 import sparsity
+
+
+# ----------------------------------------------------------------------------------------------
+# The method table (Sec. 4, App. E.2): every method of the paper is a setting of one network and
+# one training loop. Scripts ask this table; they never compare method names.
+
+
+class Method(NamedTuple):
+    single: bool          # M = 1 whatever --num-heads says (the dense base network)
+    full_ensemble: bool   # M independent whole models, no shared backbone, each on its own data order
+    sparse: bool          # trains at sparsity S (ER/ERK masks); False: dense, S = 0
+    evolves: bool         # the topology changes by DST every Delta T steps (prune + regrow)
+    loss: str             # "mean": L = 1/M sum_i L_i (Sec. 3); "sum": each member trains as if alone
+    epochs: str           # which epoch budget of a recipe it gets: dense | treenet | sparse | pruning
+    prunes: bool = False  # dense until half-way, then one-shot global magnitude pruning, then fixed
+
+    @property
+    def masked_at_start(self):
+        return self.sparse and not self.prunes
+
+
+METHODS = {
+    "neurotrails": Method(single=False, full_ensemble=False, sparse=True, evolves=True, loss="mean", epochs="sparse"),
+    "single": Method(single=True, full_ensemble=False, sparse=False, evolves=False, loss="mean", epochs="dense"),
+    "treenet": Method(single=False, full_ensemble=False, sparse=False, evolves=False, loss="mean", epochs="treenet"),
+    "ensemble": Method(single=False, full_ensemble=True, sparse=False, evolves=False, loss="sum", epochs="dense"),
+    "static": Method(single=False, full_ensemble=False, sparse=True, evolves=False, loss="mean", epochs="sparse"),
+    "pruning": Method(single=False, full_ensemble=False, sparse=True, evolves=False, loss="mean", epochs="pruning",
+                      prunes=True),
+}
+
+
+def num_heads_of(method, num_heads):
+    """M of a run: 1 for the single network, else --num-heads."""
+    return 1 if METHODS[method].single else num_heads
+
+
+def build_from_config(config, **model_kwargs):
+    """The network of a run's config (model, method, M, |F_h|), freshly initialised."""
+    return build(config["model"], config["num_heads"], config["blocks_in_head"],
+                 METHODS[config["method"]].full_ensemble, **model_kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# The network: backbone + heads (Sec. 3, Fig. 1)
 
 
 class NeuroTrails(nn.Module):
@@ -464,15 +510,15 @@ def checkpoint_script(state):
     return None
 
 
-def load_checkpoint(path, script=None, flag="--resume", config=None, may_differ=()):
+def load_checkpoint(path, script=None, flag="--resume", config=None, may_differ=(), mmap=False):
     """A checkpoint of this project as a dict (CPU tensors, weights_only), checked: one-line
     ValueError for a file that is not one, was written by another script than `script`, lacks
     what that script needs, or (given the resuming run's config) has a config that differs in a
-    key outside may_differ."""
+    key outside may_differ. mmap: map the file instead of reading it (to look at a few keys)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{flag} {path}: no such checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise ValueError(f"{flag} {path}: not a checkpoint of this project (unreadable: {type(e).__name__})") from None
     writer = checkpoint_script(state) if isinstance(state, dict) else None
@@ -483,6 +529,7 @@ def load_checkpoint(path, script=None, flag="--resume", config=None, may_differ=
                          f"{CHECKPOINT_VERSION}; update the code")
     if script is not None and writer != script:
         raise ValueError(f"{flag} {path}: written by {writer}, not {script}; use {writer} for it")
+    state["script"] = writer  # also for files from before the format field
     missing = [k for k in CHECKPOINT_KEYS[writer] if k not in state]
     if missing:
         raise ValueError(f"{flag} {path}: incomplete {writer} checkpoint (lacks {', '.join(missing)})")
@@ -493,6 +540,43 @@ def load_checkpoint(path, script=None, flag="--resume", config=None, may_differ=
             detail = ", ".join(f"{k}: checkpoint {old.get(k)!r} vs now {config.get(k)!r}" for k in diff[:4])
             raise ValueError(f"{flag} {path}: checkpoint is from a different configuration ({detail})")
     return state
+
+
+def model_from_checkpoint(state, device="cpu"):
+    """The network of a loaded checkpoint, with its weights: what evaluate.py and export_bench.py
+    read. The config says which network (model, method, M, |F_h|); model_kwargs its in/out sizes."""
+    kwargs = state.get("model_kwargs") or _sizes_from_weights(state["model"])  # the latter: files before format 1
+    with torch.device(device):  # not meta: non-persistent buffers (LLaMA's rotary frequencies) are built, not saved
+        net = build_from_config(state["config"], **kwargs)
+    net.load_state_dict(state["model"])
+    return net
+
+
+def _sizes_from_weights(weights):
+    """model_kwargs of a checkpoint written before they were stored, read off the weights' shapes:
+    a 2-D stem is LLaMA's token embedding (vocab x d); a 4-D one a conv (its input channels), and
+    the classifier is head 0's last 2-D weight (classes x features)."""
+    stem = weights.get("backbone.stem.weight", weights.get("heads.0.stem.weight"))
+    if stem.dim() == 2:
+        return {"vocab_size": stem.shape[0]}
+    classifier = [w for n, w in weights.items() if n.startswith("heads.0.") and w.dim() == 2][-1]
+    return {"in_channels": stem.shape[1], "num_classes": classifier.shape[0]}
+
+
+def restore(state, net, optimizer, **settings):
+    """Put a checkpoint back: weights, optimizer state, masks (returned; None for a dense run) and
+    the global RNG. settings: optimizer values that this run sets anew (a resume may change them;
+    e.g. momentum, weight_decay), applied over the restored param_groups."""
+    net.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    for group in optimizer.param_groups:
+        group.update(settings)
+    masks = None
+    if state["masks"] is not None:
+        masks = sparsity.Masks(masked_weights(net), {})
+        masks.load_state_dict(state["masks"])
+    torch.set_rng_state(state["rng"])
+    return masks
 
 
 def record_resume(config, state, resume, keys, at):
@@ -511,13 +595,24 @@ def last_good(path):
 
 
 def add_run_arguments(ap, out_help):
-    """The run-folder flags of both trainers: --out, --resume, --overwrite, --device."""
+    """The run flags of both trainers: --out, --resume, --overwrite, --device, --bf16."""
     ap.add_argument("--out", default=None, help=f"output folder (default: {out_help}); a folder that holds a run "
                     "is refused unless --resume or --overwrite")
     ap.add_argument("--resume", default=None, help="continue exactly from this last.pt (into --out, which may be "
                     "another folder: the run starts there with this checkpoint and its log)")
     ap.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 autocast (default: on with CUDA)")
+
+
+def init_distributed():
+    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on GPUs, gloo on CPU."""
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 

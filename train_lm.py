@@ -45,12 +45,10 @@ import argparse
 import json
 import math
 import os
-import socket
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
@@ -71,7 +69,7 @@ RECIPES = {
     "llama-350m": dict(lr=5e-4, dense_updates=40_000),
 }
 DEFAULT_RECIPE = RECIPES["llama-130m"]
-METHODS = ("neurotrails", "single", "treenet", "ensemble", "static")
+METHODS = [m for m, method in neurotrails.METHODS.items() if not method.prunes]  # no pruning baseline for LMs
 SCRIPT = "train_lm.py"  # the writer named in every checkpoint
 # Optimizer settings a --resume may change (e.g. a lower --lr after a divergence); recorded in
 # config["resumed"] and in the log.
@@ -84,52 +82,6 @@ VALIDATION_EVERY = 20  # --dataset text: every 20th file (sorted by path) is hel
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer and documents
-
-
-def offline_mode():
-    """HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set: only local files and caches may be used."""
-    flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in flags)
-
-
-def hub_reachable():
-    """False at once when offline mode is set or the hub's host does not resolve/connect, so that a
-    missing dataset or tokenizer fails in seconds instead of after minutes of retries."""
-    if offline_mode():
-        return False
-    from huggingface_hub import constants
-    host = urlparse(constants.ENDPOINT).hostname
-    try:
-        socket.create_connection((host, 443), timeout=5).close()
-        return True
-    except OSError:
-        return False
-
-
-def load_tokenizer(name=None, tokenizer_json=None):
-    """A transformers tokenizer: from a tokenizer.json string (a --train-tokenizer run), a local
-    file or folder, the local HF cache, or the hub, in that order."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    if tokenizer_json is not None or (name and Path(name).is_file()):
-        from tokenizers import Tokenizer
-        try:
-            tok = Tokenizer.from_str(Path(name).read_text() if tokenizer_json is None else tokenizer_json)
-        except Exception:  # also UnicodeDecodeError: a binary file
-            raise ValueError(f"--tokenizer {name}: not a tokenizer file (a tokenizer.json) or folder") from None
-        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
-    try:  # trust_remote_code=False: a folder's auto_map code is never run (nor asked about)
-        return AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
-    except Exception as e:
-        if Path(name).exists():
-            reason = " ".join(str(e).split())[:120]
-            raise ValueError(f"--tokenizer {name}: not a tokenizer file or folder ({reason})") from None
-    if not hub_reachable():
-        raise ValueError(f"--tokenizer {name}: not in the local cache and the HuggingFace hub cannot be reached; "
-                         "give a local path, or --train-tokenizer N to train one on the training text")
-    try:
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=False)  # never run a repo's code
-    except Exception as e:
-        raise ValueError(f"--tokenizer {name}: could not be loaded ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def train_tokenizer(files, vocab_size):
@@ -184,7 +136,7 @@ def document_source(cfg, split):
             raise ValueError(f"--data-dir {cfg['data_dir']}: no C4 {split} shards (*{split}*.json.gz) in it")
         return lambda epoch: load_dataset("json", data_files={split: files}, split=split,
                                           streaming=True).select_columns(["text"])
-    if not hub_reachable():
+    if not models.hub_reachable():
         raise ValueError("C4 is streamed from the HuggingFace hub (allenai/c4), which cannot be reached; give "
                          "--data-dir with local C4 json.gz shards, or --dataset text --data-dir with text files")
     return lambda epoch: load_dataset("allenai/c4", "en", split=split, streaming=True).select_columns(["text"])
@@ -324,34 +276,30 @@ def validation_batches(cfg, tokenizer):
 
 def resolve_config(args):
     """The run's full configuration: flags, filled in from the paper's recipe for the model."""
-    r = RECIPES.get(args.model, DEFAULT_RECIPE)
-    method = args.method
-    dense = method in ("single", "treenet", "ensemble")
+    r, method = RECIPES.get(args.model, DEFAULT_RECIPE), neurotrails.METHODS[args.method]
     cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "compare", "overwrite")}
     if not models.is_language_model(args.model):
         raise ValueError(f"--model {args.model!r} is not a language model; choose one of "
                          f"{', '.join(models.LLAMA_CONFIGS)} (image models: train_vision.py)")
     cfg["lr"] = r["lr"] if args.lr is None else args.lr
-    cfg["num_heads"] = 1 if method == "single" else args.num_heads
-    cfg["sparsity"] = 0.0 if dense else args.sparsity
-    if not 0.0 <= cfg["sparsity"] < 1.0:
-        raise ValueError(f"--sparsity must be in [0, 1), got {cfg['sparsity']}")
+    cfg["num_heads"] = neurotrails.num_heads_of(args.method, args.num_heads)
+    cfg["sparsity"] = args.sparsity if method.sparse else 0.0
     if args.updates is None:  # App. E.2: sparse runs get 1/(1-S) times the dense updates (11,111 at S=0.1)
         cfg["updates"] = math.floor(r["dense_updates"] / (1 - cfg["sparsity"]) + 1e-6)
     num_blocks = models.LLAMA_CONFIGS[args.model][0]
-    if method == "ensemble":
+    if method.full_ensemble:  # each member is a whole model: nothing to split
         cfg["blocks_in_head"] = None
     elif cfg["blocks_in_head"] is None:
         cfg["blocks_in_head"] = neurotrails.default_blocks_in_head(args.model, num_blocks)
     neurotrails.validate(args.model, cfg["num_heads"], cfg["blocks_in_head"], num_blocks, cfg["sparsity"],
-                         method == "ensemble")
+                         method.full_ensemble)
     cfg["device"] = neurotrails.check_device(args.device) if args.device else \
         "cuda" if torch.cuda.is_available() else "cpu"
     cfg["bf16"] = cfg["device"].startswith("cuda") if args.bf16 is None else args.bf16
     cfg["world_size"] = dist.get_world_size() if dist.is_initialized() else 1
     cfg["micro_batch_size"] = min(args.micro_batch_size, max(1, args.batch_size // cfg["world_size"]))
     # The default folder names what makes runs differ, so a quick run never lands in a real run's folder.
-    cfg["out"] = args.out or (f"runs/lm-{args.model}-{method}-M{cfg['num_heads']}-S{cfg['sparsity']}"
+    cfg["out"] = args.out or (f"runs/lm-{args.model}-{args.method}-M{cfg['num_heads']}-S{cfg['sparsity']}"
                               f"-u{cfg['updates']}-seed{args.seed}")
     validate(cfg)
     return cfg
@@ -364,7 +312,7 @@ def validate(cfg):
     if cfg["batch_size"] % cfg["world_size"] or per_rank % cfg["micro_batch_size"]:
         raise ValueError(f"--micro-batch-size {cfg['micro_batch_size']} must divide the {per_rank} sequences per "
                          f"process (--batch-size {cfg['batch_size']} over {cfg['world_size']} processes)")
-    if cfg["method"] in ("neurotrails", "static") and cfg["sparsity"] == 0.0:
+    if neurotrails.METHODS[cfg["method"]].sparse and cfg["sparsity"] == 0.0:
         raise ValueError(f"--method {cfg['method']} needs --sparsity > 0 (use treenet for a dense multi-head run)")
     if cfg["dataset"] == "text" and not cfg["data_dir"]:
         raise ValueError("--dataset text needs --data-dir, a folder of .txt/.md/.rst files")
@@ -386,15 +334,14 @@ def lr_at(update, cfg):
 def build_run(cfg, vocab_size):
     """Network, masks and Adam for a configuration, initialised from cfg['seed']."""
     torch.manual_seed(cfg["seed"])
-    net = neurotrails.build(cfg["model"], cfg["num_heads"], cfg["blocks_in_head"], cfg["method"] == "ensemble",
-                            vocab_size=vocab_size).to(cfg["device"])
+    method = neurotrails.METHODS[cfg["method"]]
+    net = neurotrails.build_from_config(cfg, vocab_size=vocab_size).to(cfg["device"])
     masks = None
-    if cfg["method"] in ("neurotrails", "static"):
+    if method.masked_at_start:  # ER masks at sparsity S (attention saturates to dense); Delta T = 0: static
         masks = neurotrails.build_masks(net, cfg["sparsity"], cfg["allocation"], cfg["init"], cfg["seed"],
                                         prune=cfg["prune"].replace("-", "_"), grow=cfg["grow"],
                                         temperature=cfg["temperature"], p0=cfg["drop_fraction"],
-                                        delta_t=cfg["delta_t"] if cfg["method"] == "neurotrails" else 0,
-                                        t_end=cfg["updates"])
+                                        delta_t=cfg["delta_t"] if method.evolves else 0, t_end=cfg["updates"])
     opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     return net, masks, opt
 
@@ -406,22 +353,6 @@ def build_run(cfg, vocab_size):
 def load_checkpoint(path, cfg=None, flag="--resume"):
     """A train_lm.py checkpoint; with cfg, refused unless it is from the same configuration."""
     return neurotrails.load_checkpoint(path, SCRIPT, flag, cfg, RESUMABLE_CHANGES)
-
-
-def restore(state, net, opt, stream, cfg):
-    """Weights, Adam state, masks, data position and RNG of a checkpoint; Adam keeps this run's
-    weight decay (a resume may change it, and the learning-rate schedule)."""
-    net.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    for group in opt.param_groups:
-        group["weight_decay"] = cfg["weight_decay"]
-    masks = None
-    if state["masks"] is not None:
-        masks = sparsity.Masks(neurotrails.masked_weights(net), {})
-        masks.load_state_dict(state["masks"])
-    stream.load_state_dict(state["data"])
-    torch.set_rng_state(state["rng"])
-    return masks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,7 +385,7 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
     """
     out, device = Path(cfg["out"]), cfg["device"]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    ensemble = cfg["method"] == "ensemble"
+    ensemble = neurotrails.METHODS[cfg["method"]].full_ensemble
     members = cfg["num_heads"] if ensemble else 1
     forward = neurotrails.Members(net) if ensemble else net
     if world > 1:
@@ -465,7 +396,8 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
     # the whole global batch, on every process
     batches = Prefetcher(stream, members * cfg["batch_size"], cfg["data_workers"])
     micro, per_rank = cfg["micro_batch_size"], cfg["batch_size"] // world
-    head_weight = 1.0 if ensemble else 1.0 / cfg["num_heads"]  # ensemble: sum of members; else mean of heads
+    # "sum": each independent member trains as if alone; "mean": L = 1/M sum_i L_i (Sec. 3)
+    head_weight = 1.0 if neurotrails.METHODS[cfg["method"]].loss == "sum" else 1.0 / cfg["num_heads"]
     end = cfg["updates"] if not cfg["stop_after"] else min(cfg["updates"], start + cfg["stop_after"])
     record, window = None, [0.0, 0, 0.0, 0]  # since the last log line: loss sum, tokens, seconds, updates
     run_tokens, run_time = 0, 0.0  # this invocation's training tokens and seconds (evaluation excluded)
@@ -566,11 +498,11 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
 def tokenizer_for(cfg, state=None):
     """(tokenizer, its tokenizer.json text or None): from the checkpoint, trained, or loaded."""
     if state is not None and state.get("tokenizer_json"):
-        return load_tokenizer(tokenizer_json=state["tokenizer_json"]), state["tokenizer_json"]
+        return models.load_tokenizer(tokenizer_json=state["tokenizer_json"]), state["tokenizer_json"]
     if cfg["train_tokenizer"] is not None:
         text = train_tokenizer(text_files(cfg["data_dir"], "train"), cfg["train_tokenizer"])
-        return load_tokenizer(tokenizer_json=text), text
-    return load_tokenizer(cfg["tokenizer"]), None
+        return models.load_tokenizer(tokenizer_json=text), text
+    return models.load_tokenizer(cfg["tokenizer"]), None
 
 
 def run(cfg, resume=None, overwrite=False):
@@ -587,7 +519,8 @@ def run(cfg, resume=None, overwrite=False):
     net, masks, opt = build_run(cfg, len(tokenizer))
     start, tokens, changed = 0, 0, None
     if state is not None:
-        masks = restore(state, net, opt, stream, cfg)
+        masks = neurotrails.restore(state, net, opt, weight_decay=cfg["weight_decay"])
+        stream.load_state_dict(state["data"])  # the position in the data stream
         start, tokens = state["update"], state["tokens"]
         changed = neurotrails.record_resume(cfg, state, resume, OPTIMIZER_CHANGES, "update")
     with neurotrails.run_folder(out, resume, overwrite) if rank == 0 else nullcontext():
@@ -602,8 +535,8 @@ def run(cfg, resume=None, overwrite=False):
             print("config " + json.dumps(cfg), flush=True)
         if dist.is_initialized():
             dist.barrier()
-        record = train(cfg, net, masks, opt, stream, val_batches, start, tokens, {"tokenizer_json": tokenizer_json},
-                       resume, changed)
+        described = {"tokenizer_json": tokenizer_json, "model_kwargs": {"vocab_size": len(tokenizer)}}
+        record = train(cfg, net, masks, opt, stream, val_batches, start, tokens, described, resume, changed)
     if rank != 0:
         return None
     if record is None or "ppl" not in record:  # resumed a finished run, or stopped between evaluations
@@ -621,15 +554,18 @@ def cost_vs_single(net, cfg, vocab_size):
     return {"infer_flops": flops, "infer_flops_vs_single": flops / base}
 
 
-def load_for_eval(checkpoint, device=None):
-    """(network with the checkpoint's weights, tokenizer, config), for evaluate.py."""
-    state = load_checkpoint(checkpoint, flag="--checkpoint")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = dict(state["config"], device=device, bf16=device.startswith("cuda"))
-    tokenizer, _ = tokenizer_for(cfg, state)
-    net, _, _ = build_run(cfg, len(tokenizer))
-    net.load_state_dict(state["model"])
-    return net.eval(), tokenizer, cfg
+def eval_only(argv):
+    """`train_lm.py --eval-only --checkpoint PATH [--data-dir D] [--json]` (what `evaluate.py
+    --checkpoint` runs): the validation perplexities of a checkpoint, read here with the data."""
+    prog, args = evaluate.eval_only_args(argv, SCRIPT)
+    try:
+        net, tokenizer, cfg = evaluate.load_language_model(args.checkpoint)
+        cfg["data_dir"] = args.data_dir or cfg["data_dir"]
+        batches = validation_batches(cfg, tokenizer)
+    except (ValueError, OSError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    evaluate.report_language_checkpoint(net, batches, args, bf16_autocast(cfg))
 
 
 def print_table(rows):
@@ -695,22 +631,16 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,
                     help="seed of init, masks, DST sampling and data order, in [0, 2^32)")
     neurotrails.add_run_arguments(ap, "runs/lm-<model>-<method>-M<M>-S<S>-u<updates>-seed<seed>")
-    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                    help="bf16 autocast (default: on with CUDA)")
     return ap, ap.parse_args(argv)
 
 
-def init_distributed():
-    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on GPUs, gloo on CPU."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-
 def main(argv=None):
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--eval-only"]:
+        return eval_only(argv[1:])
     ap, args = parse_args(argv)
-    init_distributed()
+    neurotrails.init_distributed()
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
         if args.compare and args.resume:

@@ -50,18 +50,19 @@ import sparsity
 from neurotrails import float_in, int_in
 
 # App. E.2, Table 9 (ImageNet: NVIDIA's ResNet-50 recipe). Fashion-MNIST is our offline
-# stand-in, with the CIFAR optimiser settings.
+# stand-in, with the CIFAR optimiser settings. The dataset's facts (classes, channels, test image
+# size, normalisation) live here and nowhere else; checkpoints carry what readers need of them.
 RECIPES = {
-    "cifar100": dict(model="wrn28-10", classes=100, channels=3, lr=0.1, momentum=0.9, weight_decay=5e-4,
+    "cifar100": dict(model="wrn28-10", classes=100, channels=3, size=32, lr=0.1, momentum=0.9, weight_decay=5e-4,
                      batch_size=128, delta_t=100, sparsity=0.8, mean=(0.5071, 0.4865, 0.4409),
                      std=(0.2673, 0.2564, 0.2762)),
-    "tinyimagenet": dict(model="wrn28-10", classes=200, channels=3, lr=0.1, momentum=0.9, weight_decay=5e-4,
+    "tinyimagenet": dict(model="wrn28-10", classes=200, channels=3, size=64, lr=0.1, momentum=0.9, weight_decay=5e-4,
                          batch_size=128, delta_t=100, sparsity=0.8, mean=(0.480, 0.448, 0.398),
                          std=(0.277, 0.269, 0.282)),
-    "imagenet": dict(model="resnet50", classes=1000, channels=3, lr=0.256, momentum=0.875, weight_decay=3.05e-5,
+    "imagenet": dict(model="resnet50", classes=1000, channels=3, size=224, lr=0.256, momentum=0.875, weight_decay=3.05e-5,
                      batch_size=256, delta_t=1000, sparsity=0.7, mean=(0.485, 0.456, 0.406),
                      std=(0.229, 0.224, 0.225)),
-    "fashion-mnist": dict(model="wrn16-4", classes=10, channels=1, lr=0.1, momentum=0.9, weight_decay=5e-4,
+    "fashion-mnist": dict(model="wrn16-4", classes=10, channels=1, size=28, lr=0.1, momentum=0.9, weight_decay=5e-4,
                           batch_size=128, delta_t=100, sparsity=0.8, mean=(0.2860,), std=(0.3530,)),
 }
 # Epochs per (dataset, method), Tables 11, 12, 14 (TreeNet on ImageNet: 180). Sparse methods get
@@ -72,7 +73,7 @@ EPOCHS = {
     "imagenet": {"dense": 90, "treenet": 180, "sparse": 270, "pruning": 180},
     "fashion-mnist": {"dense": 15, "treenet": 15, "sparse": 15, "pruning": 15},
 }
-METHODS = ("neurotrails", "single", "treenet", "ensemble", "static", "pruning")
+METHODS = list(neurotrails.METHODS)  # every method of the table runs here
 SCRIPT = "train_vision.py"  # the writer named in every checkpoint
 # Optimizer settings a --resume may change (e.g. a lower --lr after a divergence); recorded in
 # config["resumed"] and in the log.
@@ -206,21 +207,22 @@ def num_train(data):
 # Configuration
 
 
+def model_kwargs(dataset):
+    """What the base network needs to know of a dataset: its classes and input channels."""
+    return {"num_classes": RECIPES[dataset]["classes"], "in_channels": RECIPES[dataset]["channels"]}
+
+
 def resolve_config(args):
     """The run's full configuration: flags, filled in from the paper's recipe for the dataset."""
-    r = RECIPES[args.dataset]
-    method = args.method
-    dense = method in ("single", "treenet", "ensemble")
+    r, method = RECIPES[args.dataset], neurotrails.METHODS[args.method]
     cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "compare", "overwrite")}
     cfg["model"] = args.model or r["model"]
     for key in ("lr", "momentum", "weight_decay", "batch_size", "delta_t"):
         if cfg[key] is None:
             cfg[key] = r[key]
-    cfg["num_heads"] = 1 if method == "single" else args.num_heads
-    cfg["sparsity"] = 0.0 if dense else (r["sparsity"] if args.sparsity is None else args.sparsity)
-    kind = "dense" if method in ("single", "ensemble") else "treenet" if method == "treenet" else \
-        "pruning" if method == "pruning" else "sparse"
-    epochs = EPOCHS[args.dataset][kind] if args.epochs is None else args.epochs
+    cfg["num_heads"] = neurotrails.num_heads_of(args.method, args.num_heads)
+    cfg["sparsity"] = (r["sparsity"] if args.sparsity is None else args.sparsity) if method.sparse else 0.0
+    epochs = EPOCHS[args.dataset][method.epochs] if args.epochs is None else args.epochs
     if args.extend_by_density:  # Evci et al. 2020: sparse runs may be extended by at most 1/(1-S)
         dense_epochs = EPOCHS[args.dataset]["dense"] if args.epochs is None else args.epochs
         epochs = math.floor(dense_epochs / (1 - cfg["sparsity"]))
@@ -235,48 +237,37 @@ def resolve_config(args):
     if models.is_language_model(cfg["model"]):
         raise ValueError(f"--model {cfg['model']} is a language model; train it with train_lm.py")
     with torch.device("meta"):  # block count L of the base model, without allocating it
-        num_blocks = len(models.build(cfg["model"], num_classes=r["classes"], in_channels=r["channels"]).blocks)
-    if method == "ensemble":
+        num_blocks = len(models.build(cfg["model"], **model_kwargs(args.dataset)).blocks)
+    if method.full_ensemble:  # each member is a whole model: nothing to split
         cfg["blocks_in_head"] = None
     elif cfg["blocks_in_head"] is None:
         cfg["blocks_in_head"] = neurotrails.default_blocks_in_head(cfg["model"], num_blocks)
     neurotrails.validate(cfg["model"], cfg["num_heads"], cfg["blocks_in_head"], num_blocks, cfg["sparsity"],
-                         method == "ensemble")
+                         method.full_ensemble)
     cfg["world_size"] = dist.get_world_size() if dist.is_initialized() else 1
     # The default folder names what makes runs differ, so a quick run never lands in a real run's folder.
     subsets = "".join(f"-{k}{v}" for k, v in (("train", args.train_subset), ("test", args.test_subset)) if v)
-    cfg["out"] = args.out or (f"runs/{args.dataset}-{cfg['model']}-{method}-M{cfg['num_heads']}"
+    cfg["out"] = args.out or (f"runs/{args.dataset}-{cfg['model']}-{args.method}-M{cfg['num_heads']}"
                               f"-S{cfg['sparsity']}-e{epochs}{subsets}-seed{args.seed}")
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg):
-    """One clear ValueError per bad combination, naming the flag (single values are range-checked
-    by their argparse types)."""
     if cfg["batch_size"] % cfg["world_size"]:
         raise ValueError(f"--batch-size {cfg['batch_size']} must be divisible by the {cfg['world_size']} processes")
-    if cfg["epochs"] < 1:
-        raise ValueError(f"--epochs must be >= 1, got {cfg['epochs']}")
-    if not 0.0 <= cfg["sparsity"] < 1.0:
-        raise ValueError(f"--sparsity must be in [0, 1), got {cfg['sparsity']}")
-    if cfg["method"] not in ("single", "treenet", "ensemble") and cfg["sparsity"] == 0.0:
-        raise ValueError(f"--method {cfg['method']} needs --sparsity > 0 (use treenet for a dense multi-head run)")
+    if method.sparse and cfg["sparsity"] == 0.0:
+        raise ValueError(f"--method {args.method} needs --sparsity > 0 (use treenet for a dense multi-head run)")
+    return cfg
 
 
 def build_run(cfg, steps_per_epoch):
     """Network, masks and optimiser for a configuration, initialised from cfg['seed']."""
     torch.manual_seed(cfg["seed"])
-    net = neurotrails.build(cfg["model"], cfg["num_heads"], cfg["blocks_in_head"],
-                            cfg["method"] == "ensemble", num_classes=RECIPES[cfg["dataset"]]["classes"],
-                            in_channels=RECIPES[cfg["dataset"]]["channels"]).to(cfg["device"])
+    method = neurotrails.METHODS[cfg["method"]]
+    net = neurotrails.build_from_config(cfg, **model_kwargs(cfg["dataset"])).to(cfg["device"])
     if cfg["channels_last"]:
         net = net.to(memory_format=torch.channels_last)
     masks = None
-    if cfg["method"] in ("neurotrails", "static"):
+    if method.masked_at_start:  # ER/ERK masks at sparsity S; Delta T = 0: a static topology
         masks = neurotrails.build_masks(net, cfg["sparsity"], cfg["allocation"], cfg["init"], cfg["seed"],
                                         prune="magnitude", grow=cfg["grow"], p0=cfg["drop_fraction"],
-                                        delta_t=cfg["delta_t"] if cfg["method"] == "neurotrails" else 0,
+                                        delta_t=cfg["delta_t"] if method.evolves else 0,
                                         t_end=cfg["epochs"] * steps_per_epoch)
     opt = torch.optim.SGD(net.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True,
                           weight_decay=cfg["weight_decay"])
@@ -306,21 +297,6 @@ def load_checkpoint(path, cfg=None, flag="--resume"):
     return neurotrails.load_checkpoint(path, SCRIPT, flag, cfg, RESUMABLE_CHANGES)
 
 
-def restore(state, net, opt, cfg):
-    """Weights, optimizer, masks and RNG of a checkpoint; the optimizer keeps this run's settings
-    (a resume may lower --lr, --momentum or --weight-decay)."""
-    net.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    for group in opt.param_groups:
-        group.update(momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-    masks = None
-    if state["masks"] is not None:
-        masks = sparsity.Masks(neurotrails.masked_weights(net), {})
-        masks.load_state_dict(state["masks"])
-    torch.set_rng_state(state["rng"])
-    return masks
-
-
 # ----------------------------------------------------------------------------------------------
 # The training loop
 
@@ -336,20 +312,20 @@ def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0, go
     Under torchrun: DistributedDataParallel averages the gradients (so RigL scores the all-reduced
     gradient), every topology update takes rank 0's masks, and only rank 0 evaluates, logs and saves.
     """
-    out = Path(cfg["out"])
-    device, members = cfg["device"], cfg["num_heads"] if cfg["method"] == "ensemble" else 1
+    out, device, method = Path(cfg["out"]), cfg["device"], neurotrails.METHODS[cfg["method"]]
+    members = cfg["num_heads"] if method.full_ensemble else 1  # data streams: one per independent member
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    forward = neurotrails.Members(net) if cfg["method"] == "ensemble" else net
+    forward = neurotrails.Members(net) if method.full_ensemble else net
     if world > 1:
         forward = DistributedDataParallel(forward, device_ids=[torch.cuda.current_device()]
                                           if device.startswith("cuda") else None)
-    sync = sparsity.broadcast_mask if world > 1 else None
+    sync = sparsity.broadcast_mask if world > 1 else None  # every topology update takes rank 0's masks
     steps_per_epoch = num_train(train_data) // cfg["batch_size"]
     prune_step = cfg["epochs"] * steps_per_epoch // 2  # pruning baseline: half-way
     autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=cfg["bf16"])
     record = None
     for epoch in range(start_epoch, cfg["epochs"]):
-        lr = lr_at(epoch, cfg)
+        lr = lr_at(epoch, cfg)  # App. E.2: x0.1 at 25, 50 and 75 % of the epochs
         for group in opt.param_groups:
             group["lr"] = lr
         net.train()
@@ -361,52 +337,66 @@ def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0, go
             step += 1
             if cfg["channels_last"]:
                 batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
+
+            # The loss. Full ensemble: L = sum_i CE(F_i(x_i), y_i), each member on its own batch, so
+            # each trains exactly as alone. Otherwise Sec. 3: L = 1/M sum_i CE(F_h^i(F_s(x)), y).
             with autocast:
-                if cfg["method"] == "ensemble":  # independent members, each on its own batch
+                if method.loss == "sum":
                     logits = forward(torch.stack([x for x, _ in batches]))
                     loss = sum(F.cross_entropy(z, y) for z, (_, y) in zip(logits, batches))
                 else:
                     x, y = batches[0]
-                    # Sec. 3: L = 1/M sum_i L_i(F_h^i(F_s(x)), y)
                     loss = neurotrails.ensemble_loss(forward(x), y)
-            if not torch.isfinite(loss):
+            if not torch.isfinite(loss):  # before the step: the weights stay as they were
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}; "
                                          f"{neurotrails.last_good(good)}")
+
+            # The step. The forward/backward is dense, so p.grad is the dense gradient RigL scores.
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            loss_sum += loss.detach()
+
+            # Every step: weights outside the masks (and their momentum) back to exactly 0.
+            # Every Delta T steps: prune the smallest |w|, regrow as many by |grad| (RigL) or at random.
             if masks is not None:
                 masks.apply_(opt)
                 if masks.is_update_step(step):
                     masks.update(step, opt, sync)
-            if cfg["method"] == "pruning" and step == prune_step:  # weights are equal on all ranks
+
+            # Pruning baseline, once, half-way: global magnitude pruning to 1 - S, then a fixed topology.
+            if method.prunes and step == prune_step:  # weights are equal on all ranks
                 masks = prune_to_fixed_topology(net, cfg)
-            loss_sum += loss.detach()
         train_time = time.perf_counter() - start
-        # A step can blow up with a finite loss (inf BatchNorm variance, huge weights): check the
-        # whole state before it is evaluated, logged or saved.
+
+        # Every epoch, all ranks: the whole state must be finite. A step can blow up with a finite
+        # loss (inf BatchNorm variance, huge weights); such a state is never evaluated or saved.
         state = {"model": net.state_dict(), "optimizer": opt.state_dict()}
         bad = neurotrails.nonfinite_tensor(state)
         if bad:
             raise FloatingPointError(f"{bad} is NaN or inf after epoch {epoch + 1}; nothing was saved; "
                                      f"{neurotrails.last_good(good)}")
-        if rank != 0:  # only rank 0 evaluates, logs and saves; the others wait for it
-            dist.barrier()
-            continue
-        record = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": loss_sum.item() / steps_per_epoch,
-                  **test_metrics(net, test_data, cfg), "density": neurotrails.component_densities(net),
-                  "epoch_time_s": train_time, "ms_per_step": 1000 * train_time / steps_per_epoch}
-        if changed and epoch == start_epoch:
-            record["resumed_with"] = changed
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(f"epoch {epoch + 1} | loss {record['train_loss']:.3f} | lr {lr:.4g} | acc {100 * record['acc']:.1f}% | "
-              f"nll {record['nll']:.3f} | ece {record['ece']:.3f} | pd {100 * record['pd_any']:.1f}% | "
-              f"{record['ms_per_step']:.0f} ms/step", flush=True)
-        neurotrails.save_checkpoint(out / "last.pt", SCRIPT, {
-            "config": cfg, "epoch": epoch + 1, "step": step, **state,
-            "masks": masks.state_dict() if masks is not None else None, "rng": torch.get_rng_state()})
-        good = out / "last.pt"
+
+        # Every epoch, rank 0: the test metrics and one log line (the test set never selects anything).
+        if rank == 0:
+            record = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": loss_sum.item() / steps_per_epoch,
+                      **test_metrics(net, test_data, cfg), "density": neurotrails.component_densities(net),
+                      "epoch_time_s": train_time, "ms_per_step": 1000 * train_time / steps_per_epoch}
+            if changed and epoch == start_epoch:
+                record["resumed_with"] = changed
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(f"epoch {epoch + 1} | loss {record['train_loss']:.3f} | lr {lr:.4g} | acc {100 * record['acc']:.1f}% "
+                  f"| nll {record['nll']:.3f} | ece {record['ece']:.3f} | pd {100 * record['pd_any']:.1f}% | "
+                  f"{record['ms_per_step']:.0f} ms/step", flush=True)
+
+        # Every epoch, rank 0: the checkpoint (atomic; the other ranks wait for it).
+        if rank == 0:
+            neurotrails.save_checkpoint(out / "last.pt", SCRIPT, {
+                "config": cfg, "epoch": epoch + 1, "step": step, **state,
+                "masks": masks.state_dict() if masks is not None else None, "rng": torch.get_rng_state(),
+                "model_kwargs": model_kwargs(cfg["dataset"]), "input_shape": input_shape(cfg["dataset"])})
+            good = out / "last.pt"
         if world > 1:
             dist.barrier()
     return record
@@ -433,7 +423,8 @@ def run(cfg, resume=None, overwrite=False):
     net, masks, opt = build_run(cfg, steps_per_epoch)
     start_epoch, step, changed = 0, 0, None
     if state is not None:
-        masks = restore(state, net, opt, cfg)
+        # the optimizer keeps this run's settings: a resume may lower --lr, --momentum, --weight-decay
+        masks = neurotrails.restore(state, net, opt, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
         start_epoch, step = state["epoch"], state["step"]
         changed = neurotrails.record_resume(cfg, state, resume, OPTIMIZER_CHANGES, "epoch")
     with neurotrails.run_folder(out, resume, overwrite) if rank == 0 else nullcontext():
@@ -463,40 +454,46 @@ def test_metrics(net, test_data, cfg):
 
 def cost_vs_single(net, cfg, example):
     """Inference FLOPs of this network and as a ratio to the single dense base model."""
-    single = models.build(cfg["model"], num_classes=RECIPES[cfg["dataset"]]["classes"],
-                          in_channels=RECIPES[cfg["dataset"]]["channels"]).to(example.device)
+    single = models.build(cfg["model"], **model_kwargs(cfg["dataset"])).to(example.device)
     base = evaluate.inference_flops(single, example)["dense"]
     flops = evaluate.inference_flops(net, example)["sparse"]
     return {"infer_flops": flops, "infer_flops_vs_single": flops / base}
 
 
-def load_for_eval(checkpoint, data_dir=None, image_folder=None):
-    """(network with the checkpoint's weights, config, test data), for evaluate.py.
+def eval_only(argv):
+    """`train_vision.py --eval-only --checkpoint PATH ...` (what `evaluate.py --checkpoint` runs):
+    a checkpoint's metrics on its own test set, read here where the data loading lives."""
+    prog, args = evaluate.eval_only_args(argv, SCRIPT)
+    try:
+        state = load_checkpoint(args.checkpoint, flag="--checkpoint")
+        cfg, device = state["config"], "cuda" if torch.cuda.is_available() else "cpu"
+        net = neurotrails.model_from_checkpoint(state, device)
+        if args.image_folder:
+            data = _flat_image_folder(cfg["dataset"], Path(args.image_folder))
+            batches = torch.utils.data.DataLoader(data, args.batch_size)
+        else:  # the checkpoint's own data_dir is only read: a folder the user did not name is never written
+            _, data = load_data(cfg["dataset"], args.data_dir or cfg["data_dir"], None, cfg["test_subset"],
+                                download=bool(args.data_dir))
+            batches = test_batches(data, args.batch_size, cfg["dataset"], device)
+        if args.corruptions and not isinstance(data, dict):
+            raise ValueError("--corruptions needs an in-memory test set (CIFAR-100 or Fashion-MNIST checkpoints)")
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    evaluate.report_image_checkpoint(net, batches, args, args.aggregate or cfg["aggregate"], data,
+                                     lambda x: normalize(x.to(device), cfg["dataset"]))
 
-    image_folder: evaluate on this ImageFolder (one sub-folder per class, e.g. ImageNet-Sketch)
-    with the dataset's test transform instead of the checkpoint's own test set.
-    """
-    state = load_checkpoint(checkpoint, flag="--checkpoint")
-    cfg = dict(state["config"], device="cuda" if torch.cuda.is_available() else "cpu", channels_last=False)
-    if data_dir:
-        cfg["data_dir"] = data_dir
-    net, _, _ = build_run(cfg, 1)
-    net.load_state_dict(state["model"])
-    if image_folder:
-        return net, cfg, _flat_image_folder(cfg["dataset"], Path(image_folder))
-    # The checkpoint's stored data_dir is only read: a folder the user did not name is never written.
-    _, test_data = load_data(cfg["dataset"], cfg["data_dir"], None, cfg["test_subset"], download=bool(data_dir))
-    return net, cfg, test_data
+
+def input_shape(dataset):
+    """(C, H, W) of a dataset's test images: what an exported graph takes."""
+    return (RECIPES[dataset]["channels"], RECIPES[dataset]["size"], RECIPES[dataset]["size"])
 
 
 def _flat_image_folder(dataset, folder):
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
-    if not folder.is_dir():
-        raise ValueError(f"--image-folder {folder}: no such folder")
     r = RECIPES[dataset]
-    size = {"imagenet": 224, "tinyimagenet": 64, "cifar100": 32, "fashion-mnist": 28}[dataset]
-    steps = [T.Resize(256), T.CenterCrop(224)] if dataset == "imagenet" else [T.Resize((size, size))]
+    steps = [T.Resize(256), T.CenterCrop(224)] if dataset == "imagenet" else [T.Resize((r["size"], r["size"]))]
     if r["channels"] == 1:
         steps.append(T.Grayscale())
     return ImageFolder(str(folder), T.Compose([*steps, T.ToTensor(), T.Normalize(r["mean"], r["std"])]))
@@ -511,8 +508,10 @@ def print_table(rows):
 
 
 def parse_args(argv=None):
-    ap = neurotrails.Parser(prog=SCRIPT, description="Train NeuroTrails or a baseline on an image dataset (paper Sec. 4.1). Defaults "
-                "are the paper's recipe for the dataset; flags left unset take them.")
+    ap = neurotrails.Parser(prog=SCRIPT, description="Train NeuroTrails or a baseline on an image dataset (paper "
+                            "Sec. 4.1). Defaults are the paper's recipe for the dataset; flags left unset take them. "
+                            "`train_vision.py --eval-only --checkpoint PATH` evaluates a checkpoint instead (see "
+                            "evaluate.py --help).")
     ap.add_argument("--dataset", default="cifar100", choices=list(RECIPES), help="dataset (default: cifar100)")
     ap.add_argument("--data-dir", default="data", help="dataset folder; CIFAR-100 / Fashion-MNIST are downloaded "
                     "here if missing, ImageNet / Tiny-ImageNet need train/ and val/ ImageFolder sub-folders")
@@ -543,24 +542,18 @@ def parse_args(argv=None):
                     help="seed of init, masks, data order and augmentation, in [0, 2^32)")
     neurotrails.add_run_arguments(ap, "runs/<dataset>-<model>-<method>-M<M>-S<S>-e<epochs>-...-seed<seed>")
     ap.add_argument("--workers", type=int_in(0, 256), default=0, help="DataLoader workers for ImageFolder datasets")
-    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                    help="bf16 autocast (default: on with CUDA)")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                     help="channels-last memory format (default: on with CUDA)")
     return ap, ap.parse_args(argv)
 
 
-def init_distributed():
-    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on GPUs, gloo on CPU."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-
 def main(argv=None):
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--eval-only"]:
+        return eval_only(argv[1:])
     ap, args = parse_args(argv)
-    init_distributed()
+    neurotrails.init_distributed()
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
         if args.compare and args.resume:

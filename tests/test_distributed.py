@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import neurotrails
 import train_vision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def worker(rank, port, data_dir, out, result_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    train_vision.init_distributed()
+    neurotrails.init_distributed()
     _, args = train_vision.parse_args(
         ["--dataset", "fashion-mnist", "--data-dir", data_dir, "--model", "wrn10-1", "--train-subset", "128",
          "--test-subset", "64", "--batch-size", "16", "--delta-t", "2", "--grow", "set", "--num-heads", "2",

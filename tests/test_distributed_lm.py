@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import models
+import neurotrails
 import train_lm
 from test_train_lm import write_corpus
 
@@ -29,7 +31,7 @@ def train_once(argv, mask_seed, result):
     """build + train, with the mask generator reseeded: ranks would now draw different topologies."""
     _, args = train_lm.parse_args(argv)
     cfg = train_lm.resolve_config(args)
-    tok = train_lm.load_tokenizer(cfg["tokenizer"])
+    tok = models.load_tokenizer(cfg["tokenizer"])
     stream = train_lm.TokenStream(train_lm.document_source(cfg, "train"), tok, cfg["seq_len"], cfg["pack"])
     rank = dist.get_rank() if dist.is_initialized() else 0
     val = train_lm.validation_batches(cfg, tok) if rank == 0 else None
@@ -45,7 +47,7 @@ def worker(rank, port, argv, result_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    train_lm.init_distributed()
+    neurotrails.init_distributed()
     train_once(argv, 1000 + rank, Path(result_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 

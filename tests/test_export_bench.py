@@ -66,7 +66,7 @@ def test_export_from_a_checkpoint_and_bad_input(tmp_path, capsys):
     net = export_bench.variant_net("nt:0.8", "wrn10-1", 3, 2, "global", 10, 1, seed=2)
     neurotrails.save_checkpoint(tmp_path / "last.pt", "train_vision.py", {
         "config": cfg, "epoch": 1, "step": 1, "model": net.state_dict(), "optimizer": {}, "masks": None,
-        "rng": torch.get_rng_state()})
+        "rng": torch.get_rng_state(), "model_kwargs": {"num_classes": 10, "in_channels": 1}, "input_shape": (1, 28, 28)})
     export_bench.main(["export", "--checkpoint", str(tmp_path / "last.pt"), "--out", str(tmp_path / "c.onnx")])
     out = capsys.readouterr().out
     assert "max abs diff" in out and "head2" in out

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import evaluate
+import models
 import train_lm
 from test_train_lm import tiny, write_corpus
 
@@ -42,7 +43,7 @@ REQUESTS = [("The object is", " returned by the function."), ("Return a new", " 
 
 
 def test_loglikelihood_matches_direct_computation(checkpoint):
-    net, tok, cfg = train_lm.load_for_eval(checkpoint, "cpu")
+    net, tok, cfg = evaluate.load_language_model(checkpoint, "cpu")
     lm = evaluate.harness_model(net, tok, cfg["seq_len"] - 1, batch_size=3)  # batches of different lengths
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(REQUESTS)]
     got = lm.loglikelihood(requests)
@@ -55,7 +56,7 @@ def test_loglikelihood_matches_direct_computation(checkpoint):
 
 
 def test_greedy_flag_is_true_exactly_for_the_ensembles_argmax_continuation(checkpoint):
-    net, tok, cfg = train_lm.load_for_eval(checkpoint, "cpu")
+    net, tok, cfg = evaluate.load_language_model(checkpoint, "cpu")
     lm = evaluate.harness_model(net, tok, cfg["seq_len"] - 1)
     ctx = tok("Return a new", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
@@ -69,7 +70,7 @@ def test_greedy_flag_is_true_exactly_for_the_ensembles_argmax_continuation(check
 
 
 def test_rolling_loglikelihood_sums_disjoint_windows(checkpoint):
-    net, tok, cfg = train_lm.load_for_eval(checkpoint, "cpu")
+    net, tok, cfg = evaluate.load_language_model(checkpoint, "cpu")
     text = "Return a new list of strings. " * 6  # longer than one window of seq_len - 1 = 31 tokens
     lm = evaluate.harness_model(net, tok, 31)
     short = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
@@ -107,7 +108,7 @@ metric_list:
                                      "--include-path", str(tmp_path), "--device", "cpu", "--json"])
     evaluate.main()
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    net, tok, _ = train_lm.load_for_eval(checkpoint, "cpu")
+    net, tok, _ = evaluate.load_language_model(checkpoint, "cpu")
     correct = [max(range(2), key=lambda i: direct_logprob(net, tok, d["question"], " " + d["choices"][i]))
                == d["answer"] for d in docs]
     assert result["tiny_mc"]["acc"] == pytest.approx(sum(correct) / len(docs))
@@ -116,7 +117,7 @@ metric_list:
 def test_cli_offline_without_local_tasks_fails_in_one_line(checkpoint, monkeypatch, capsys):
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(train_lm, "hub_reachable", lambda: False)
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
     monkeypatch.setattr("sys.argv", ["evaluate.py", "lm-eval", "--checkpoint", str(checkpoint)])
     with pytest.raises(SystemExit):
         evaluate.main()

@@ -193,3 +193,21 @@ def test_summary_cli_tables_and_bad_flags():
     assert len(bad.stderr.strip().splitlines()) == 1
     bad = run_cli("--sparsity", "1")
     assert bad.returncode == 2 and "argument --sparsity: must be a finite number in [0, 1), got 1" in bad.stderr
+
+
+@pytest.mark.parametrize("method", ["neurotrails", "ensemble"])
+def test_a_checkpoint_rebuilds_its_network_also_from_files_without_model_kwargs(method):
+    config = {"model": "wrn10-1", "method": method, "num_heads": 2, "blocks_in_head": None if method == "ensemble"
+              else 2}
+    torch.manual_seed(0)
+    net = neurotrails.build_from_config(config, num_classes=7, in_channels=1).eval()
+    x = torch.randn(3, 1, 16, 16)
+    for state in ({"config": config, "model": net.state_dict(), "model_kwargs": {"num_classes": 7, "in_channels": 1}},
+                  {"config": config, "model": net.state_dict()}):  # the second: written before format 1
+        again = neurotrails.model_from_checkpoint(state).eval()
+        torch.testing.assert_close(again(x), net(x), rtol=0, atol=0)
+    lm = {"model": "llama-9m", "method": "single", "num_heads": 1, "blocks_in_head": 2}
+    llama = neurotrails.build_from_config(lm, vocab_size=300)
+    rebuilt = neurotrails.model_from_checkpoint({"config": lm, "model": llama.state_dict()})
+    assert rebuilt.state_dict()["backbone.stem.weight"].shape[0] == 300
+    assert sum(p.numel() for p in rebuilt.parameters()) == sum(p.numel() for p in llama.parameters())

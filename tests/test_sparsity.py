@@ -356,3 +356,13 @@ def test_sparsity_module_imports_alone_from_a_temp_dir(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["30", str(tmp_path / "sparsity.py")]
+
+
+def test_dst_without_t_end_is_refused_so_it_cannot_be_silently_off():
+    net = _tiny_net(0)
+    weights = {n: p for n, p in net.named_parameters() if p.dim() >= 2}
+    masks = {n: sparsity.random_mask(w.shape, 0.5) for n, w in weights.items()}
+    with pytest.raises(ValueError, match="needs t_end"):
+        sparsity.Masks(weights, masks, delta_t=100)
+    static = sparsity.Masks(weights, masks)  # the default: a static topology, said so by delta_t = 0
+    assert static.delta_t == 0 and not any(static.is_update_step(s) for s in range(1, 1000))

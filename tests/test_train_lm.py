@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import evaluate
+import models
 import train_lm
 
 
@@ -111,7 +112,7 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(corpus, tmp_path):
 
 def test_token_stream_resumes_at_the_same_sequence(corpus):
     cfg = {"dataset": "text", "data_dir": str(corpus), "seed": 3}
-    tok = train_lm.load_tokenizer(tokenizer_json=train_lm.train_tokenizer(train_lm.text_files(corpus, "train"), 300))
+    tok = models.load_tokenizer(tokenizer_json=train_lm.train_tokenizer(train_lm.text_files(corpus, "train"), 300))
     for pack in (False, True):
         a = train_lm.TokenStream(train_lm.document_source(cfg, "train"), tok, 16, pack)
         a.take(5)
