@@ -57,6 +57,7 @@ def accuracy(probs, labels):
 
 def nll(probs, labels, eps=1e-12):
     """Mean negative log-likelihood of the true class: -1/N sum_n log p_n[y_n]."""
+    # NLL = -1/N sum_n log max(p_n[y_n], eps): eps keeps one confident mistake from being infinite
     return -probs.gather(-1, labels[:, None]).clamp_min(eps).log().mean().item()
 
 
@@ -71,6 +72,7 @@ def ece(probs, labels, bins=15):
     ECE = sum_b |B_b| / N * |acc(B_b) - conf(B_b)|, bins (0, 1/15], ..., (14/15, 1]."""
     conf, pred, idx = confidence_bins(probs, bins)
     correct = (pred == labels).float()
+    # |B_b| * (acc(B_b) - conf(B_b)) = sum over the bin of (correct_n - conf_n); ECE = sum_b |that| / N
     gap = torch.zeros(bins).index_add_(0, idx, correct - conf)
     return (gap.abs().sum() / len(labels)).item()
 
@@ -85,7 +87,9 @@ def disagreement(head_probs):
     num_heads = preds.shape[0]
     if num_heads < 2:
         return 0.0, 0.0
+    # PD_any = 1/N sum_n [not all heads predict the same class for n]
     any_ = (preds != preds[:1]).any(0).float().mean().item()
+    # PD_pair = 1/(M(M-1)/2) sum_{i<j} 1/N sum_n [pred_i(n) != pred_j(n)]  (no zero diagonal)
     pairs = [(preds[i] != preds[j]).float().mean() for i in range(num_heads) for j in range(i + 1, num_heads)]
     return any_, torch.stack(pairs).mean().item()
 
@@ -153,6 +157,7 @@ def perplexity(net, batches, autocast=None):
     net.train(was_training)
     if not count:
         raise ValueError("perplexity: no target tokens to evaluate on")
+    # PPL = exp(-1/T sum_t log p(y_t)), T = target tokens of the whole budget (not a mean of batch means)
     ppl = (sums / count).exp().tolist()
     return {"ppl": ppl[0], "ppl_logits": ppl[1], "ppl_heads": ppl[2:], "eval_tokens": count}
 

@@ -179,6 +179,7 @@ def ensemble_loss(logits, targets, ignore_index=-100):
     per_head = F.cross_entropy(logits.reshape(-1, num_classes), targets.reshape(-1).repeat(num_heads),
                                ignore_index=ignore_index, reduction="none").view(num_heads, -1)
     valid = (targets.reshape(-1) != ignore_index).sum().clamp(min=1)
+    # L = 1/M sum_i L_i, L_i = mean over the valid targets of head i's cross-entropy
     return (per_head.sum(1) / valid).mean()
 
 

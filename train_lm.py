@@ -81,196 +81,6 @@ VALIDATION_EVERY = 20  # --dataset text: every 20th file (sorted by path) is hel
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenizer and documents
-
-
-def train_tokenizer(files, vocab_size):
-    """A byte-level BPE of vocab_size tokens trained on `files`; returns its tokenizer.json text."""
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
-    tok = Tokenizer(tok_models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train([str(f) for f in files], trainer)
-    return tok.to_str()
-
-
-def text_files(data_dir, split, warn=False):
-    """--dataset text: *.txt / *.md / *.rst files under data_dir; every VALIDATION_EVERY-th is validation.
-    Files that are empty or not UTF-8 text are skipped (warn: say how many, once per run)."""
-    candidates = sorted(p for p in Path(data_dir).rglob("*") if p.suffix in (".txt", ".md", ".rst") and p.is_file())
-    files = [p for p in candidates if _is_text(p)]
-    skipped = [p for p in candidates if p not in set(files)]
-    if skipped and warn:
-        print(f"warning: skipped {len(skipped)} of {len(candidates)} files under --data-dir that are empty or "
-              f"not UTF-8 text (first: {skipped[0]})", file=sys.stderr)
-    if len(files) < 2:
-        raise ValueError(f"--data-dir {data_dir}: --dataset text needs at least 2 non-empty UTF-8 .txt/.md/.rst "
-                         f"files, found {len(files)}" + (f" ({len(skipped)} skipped)" if skipped else ""))
-    val = files[VALIDATION_EVERY // 2::VALIDATION_EVERY] or files[:1]
-    return val if split == "validation" else [f for f in files if f not in val]
-
-
-def _is_text(path):
-    """Non-empty UTF-8 without NUL bytes (which text never has and binary files usually do)."""
-    try:
-        data = path.read_bytes()
-        return bool(data.strip()) and b"\0" not in data and bool(data.decode("utf-8"))
-    except (OSError, UnicodeDecodeError):
-        return False
-
-
-def document_source(cfg, split):
-    """A function epoch -> datasets.IterableDataset of {"text": ...} for 'train' or 'validation'."""
-    from datasets import disable_progress_bars, load_dataset
-    disable_progress_bars()
-    if cfg["dataset"] == "text":
-        files = [str(f) for f in text_files(cfg["data_dir"], split, warn=split == "train")]
-        table = load_dataset("text", data_files={split: files}, sample_by="paragraph", split=split)
-        # Paragraphs shuffled with the seed and the epoch: files mix, and the order is exactly resumable.
-        return lambda epoch: table.shuffle(seed=cfg["seed"] * 1009 + epoch).to_iterable_dataset()
-    if cfg["data_dir"]:  # local C4 shards: c4-train.00000-of-01024.json.gz, c4-validation.00000-of-00008.json.gz
-        files = sorted(str(p) for p in Path(cfg["data_dir"]).glob(f"*{split}*.json*"))
-        if not files:
-            raise ValueError(f"--data-dir {cfg['data_dir']}: no C4 {split} shards (*{split}*.json.gz) in it")
-        return lambda epoch: load_dataset("json", data_files={split: files}, split=split,
-                                          streaming=True).select_columns(["text"])
-    if not models.hub_reachable():
-        raise ValueError("C4 is streamed from the HuggingFace hub (allenai/c4), which cannot be reached; give "
-                         "--data-dir with local C4 json.gz shards, or --dataset text --data-dir with text files")
-    return lambda epoch: load_dataset("allenai/c4", "en", split=split, streaming=True).select_columns(["text"])
-
-
-class TokenStream:
-    """Fixed-length token sequences from a document stream, with its exact position in state_dict().
-
-    take(n) -> (inputs, targets), both (n, seq_len - 1): a sequence of seq_len tokens predicts its
-    last seq_len - 1 from the ones before; targets are -100 at padding. pack=False: one document
-    per sequence, truncated and right-padded; pack=True: documents concatenated (the stream's
-    unused tail is `carry`) and cut into full sequences. loop=False: stop at the end of the data.
-    """
-
-    def __init__(self, source, tokenizer, seq_len, pack, loop=True, docs_per_call=64):
-        self.source, self.tok, self.seq_len, self.pack, self.loop = source, tokenizer, seq_len, pack, loop
-        self.eos = tokenizer.eos_token_id
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or 0)
-        self.docs_per_call = docs_per_call
-        self.epoch, self.carry, self.done = 0, [], False
-        self.docs, self.iterator, self.read_in_epoch = source(0), None, False
-
-    def take(self, n):
-        seqs = []
-        while len(seqs) < n:
-            if self.pack and len(self.carry) >= self.seq_len:
-                seqs.append(self.carry[:self.seq_len])
-                self.carry = self.carry[self.seq_len:]
-                continue
-            if self.done:
-                break
-            texts = self._read(n - len(seqs) if not self.pack else self.docs_per_call)
-            # one document per sequence: the tokenizer stops at seq_len tokens (C4 documents are long)
-            cut = {} if self.pack else {"truncation": True, "max_length": self.seq_len}
-            ids = self.tok(texts, add_special_tokens=False, **cut)["input_ids"] if texts else []
-            for doc in ids:
-                doc = doc + [self.eos] if self.eos is not None else doc
-                if self.pack:
-                    self.carry += doc
-                elif len(doc) >= 2:  # a sequence needs at least one target
-                    seqs.append(doc[:self.seq_len])
-        ids = torch.full((len(seqs), self.seq_len), self.pad, dtype=torch.long)
-        targets = torch.full((len(seqs), self.seq_len - 1), -100, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s)
-            targets[i, :len(s) - 1] = ids[i, 1:len(s)]
-        return ids[:, :-1], targets
-
-    def _read(self, n):
-        """Up to n document texts; at the end of the data, the next epoch (loop) or stop."""
-        texts = []
-        while len(texts) < n:
-            if self.iterator is None:
-                self.iterator = iter(self.docs)
-            try:
-                texts.append(next(self.iterator)["text"])
-                self.read_in_epoch = True
-            except StopIteration:
-                if not self.loop:
-                    self.done = True
-                    break
-                if not self.read_in_epoch:
-                    raise ValueError("the training data holds no text") from None
-                self.epoch += 1
-                self.docs, self.iterator, self.read_in_epoch = self.source(self.epoch), None, False
-        return texts
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "docs": self.docs.state_dict(), "carry": list(self.carry)}
-
-    def load_state_dict(self, state):
-        self.epoch, self.carry = state["epoch"], list(state["carry"])
-        self.docs, self.iterator, self.read_in_epoch = self.source(self.epoch), None, True
-        self.docs.load_state_dict(state["docs"])
-
-
-class Batches(torch.utils.data.IterableDataset):
-    """stream.take(n) forever, each batch with the stream's state after it (the position to
-    checkpoint: the batches consumed, not the ones read ahead). An error is passed on as an item,
-    so that it reaches the training loop as itself."""
-
-    def __init__(self, stream, n):
-        self.stream, self.n = stream, n
-
-    def __iter__(self):
-        while True:
-            try:
-                ids, targets = self.stream.take(self.n)
-            except Exception as e:
-                yield e
-                return
-            yield ids, targets, self.stream.state_dict()
-
-
-class Prefetcher:
-    """Batches made ahead in --data-workers DataLoader worker processes (0: in this process, in
-    turn with training), so that reading and tokenizing text neither waits for nor slows the GPU:
-    a thread here would hold the interpreter lock the training loop needs to launch kernels."""
-
-    def __init__(self, stream, n, workers=1):
-        self.state = stream.state_dict()
-        # fork: the worker inherits the stream as it is (its document source is a closure)
-        # Its own generator: the loader's seed draw must not advance the global RNG that the
-        # checkpoint saves (a resumed run would otherwise save a different RNG state).
-        loader = torch.utils.data.DataLoader(Batches(stream, n), batch_size=None, num_workers=min(workers, 1),
-                                             generator=torch.Generator().manual_seed(0),
-                                             prefetch_factor=2 if workers else None,
-                                             multiprocessing_context="fork" if workers else None)
-        self.iterator = iter(loader)
-
-    def take(self):
-        item = next(self.iterator)
-        if isinstance(item, Exception):
-            raise item
-        ids, targets, self.state = item
-        return ids, targets
-
-
-def validation_batches(cfg, tokenizer):
-    """The first --eval-tokens target tokens of the validation data, as micro-batches (kept in memory)."""
-    stream = TokenStream(document_source(cfg, "validation"), tokenizer, cfg["seq_len"], cfg["pack"], loop=False)
-    batches, count = [], 0
-    while count < cfg["eval_tokens"]:
-        ids, targets = stream.take(cfg["micro_batch_size"])
-        if not len(ids):  # the end of the validation data
-            break
-        batches.append((ids, targets))
-        count += int((targets != -100).sum())
-    if not count:
-        raise ValueError("the validation data holds no text")
-    return batches
-
-
-# ----------------------------------------------------------------------------------------------
 # Configuration
 
 
@@ -346,10 +156,6 @@ def build_run(cfg, vocab_size):
     return net, masks, opt
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-
 def load_checkpoint(path, cfg=None, flag="--resume"):
     """A train_lm.py checkpoint; with cfg, refused unless it is from the same configuration."""
     return neurotrails.load_checkpoint(path, SCRIPT, flag, cfg, RESUMABLE_CHANGES)
@@ -406,13 +212,20 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
     net.train()
     for update in bar:
         began = time.perf_counter()
-        lr = lr_at(update, cfg)
+        lr = lr_at(update, cfg)  # App. E.2: linear warmup, then cosine to min_lr_ratio x lr
         for group in opt.param_groups:
             group["lr"] = lr
+
+        # The batch: every process reads the whole global batch (members x batch sequences) and
+        # keeps its share, so an update sees the same data for any number of processes. The loss
+        # is normalised by the target tokens of the WHOLE update, counted before the split.
         ids, targets = batches.take()
         ids, targets = ids.view(members, cfg["batch_size"], -1), targets.view(members, cfg["batch_size"], -1)
         counts = (targets != -100).flatten(1).sum(1).to(device).clamp(min=1)  # target tokens per member
         ids, targets = ids[:, rank::world].to(device), targets[:, rank::world].to(device)  # this process's share
+
+        # Gradient accumulation over micro-batches: each adds its share of the update's mean loss,
+        # so the summed gradient equals that of one big batch (and the same under DDP).
         opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
         for j in range(0, per_rank, micro):
@@ -430,6 +243,9 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
         if not torch.isfinite(loss_sum):  # before the step: the model and the last checkpoint stay good
             raise FloatingPointError(f"loss is {loss_sum.item()} at update {update + 1}; "
                                      f"{neurotrails.last_good(good)}")
+
+        # The step, then the masks: inactive weights (and their Adam moments) back to exactly 0;
+        # every Delta T updates soft-magnitude prune + RigL regrow on the accumulated dense gradient.
         opt.step()
         step = update + 1
         if masks is not None:
@@ -437,11 +253,12 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
             if masks.is_update_step(step):
                 masks.update(step, opt, sync)
         if device.startswith("cuda"):
-            torch.cuda.synchronize()
+            torch.cuda.synchronize()  # honest tokens/s: wait for the GPU before reading the clock
         update_tokens, seconds = int(counts.sum()), time.perf_counter() - began
         tokens += update_tokens
         run_tokens, run_time = run_tokens + update_tokens, run_time + seconds
         window = [w + v for w, v in zip(window, (loss_sum.item(), update_tokens, seconds, 1))]
+        # Each interval on its own: a save every --save-every whatever --log-every is.
         evaluate_now = step % cfg["eval_every"] == 0 or step == cfg["updates"]
         log_now = step % cfg["log_every"] == 0 or evaluate_now or step == end
         save_now = step % cfg["save_every"] == 0 or step == end
@@ -661,6 +478,199 @@ def main(argv=None):
     except (ValueError, OSError, FloatingPointError) as e:
         print(f"{ap.prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and documents
+
+
+def train_tokenizer(files, vocab_size):
+    """A byte-level BPE of vocab_size tokens trained on `files`; returns its tokenizer.json text."""
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+    tok = Tokenizer(tok_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(f) for f in files], trainer)
+    return tok.to_str()
+
+
+def text_files(data_dir, split, warn=False):
+    """--dataset text: *.txt / *.md / *.rst files under data_dir; every VALIDATION_EVERY-th is validation.
+    Files that are empty or not UTF-8 text are skipped (warn: say how many, once per run)."""
+    candidates = sorted(p for p in Path(data_dir).rglob("*") if p.suffix in (".txt", ".md", ".rst") and p.is_file())
+    files = [p for p in candidates if _is_text(p)]
+    skipped = [p for p in candidates if p not in set(files)]
+    if skipped and warn:
+        print(f"warning: skipped {len(skipped)} of {len(candidates)} files under --data-dir that are empty or "
+              f"not UTF-8 text (first: {skipped[0]})", file=sys.stderr)
+    if len(files) < 2:
+        raise ValueError(f"--data-dir {data_dir}: --dataset text needs at least 2 non-empty UTF-8 .txt/.md/.rst "
+                         f"files, found {len(files)}" + (f" ({len(skipped)} skipped)" if skipped else ""))
+    val = files[VALIDATION_EVERY // 2::VALIDATION_EVERY] or files[:1]
+    return val if split == "validation" else [f for f in files if f not in val]
+
+
+def _is_text(path):
+    """Non-empty UTF-8 without NUL bytes (which text never has and binary files usually do)."""
+    try:
+        data = path.read_bytes()
+        return bool(data.strip()) and b"\0" not in data and bool(data.decode("utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def document_source(cfg, split):
+    """A function epoch -> datasets.IterableDataset of {"text": ...} for 'train' or 'validation'."""
+    from datasets import disable_progress_bars, load_dataset
+    disable_progress_bars()
+    if cfg["dataset"] == "text":
+        files = [str(f) for f in text_files(cfg["data_dir"], split, warn=split == "train")]
+        table = load_dataset("text", data_files={split: files}, sample_by="paragraph", split=split)
+        # Paragraphs shuffled with the seed and the epoch: files mix, and the order is exactly resumable.
+        return lambda epoch: table.shuffle(seed=cfg["seed"] * 1009 + epoch).to_iterable_dataset()
+    if cfg["data_dir"]:  # local C4 shards: c4-train.00000-of-01024.json.gz, c4-validation.00000-of-00008.json.gz
+        files = sorted(str(p) for p in Path(cfg["data_dir"]).glob(f"*{split}*.json*"))
+        if not files:
+            raise ValueError(f"--data-dir {cfg['data_dir']}: no C4 {split} shards (*{split}*.json.gz) in it")
+        return lambda epoch: load_dataset("json", data_files={split: files}, split=split,
+                                          streaming=True).select_columns(["text"])
+    if not models.hub_reachable():
+        raise ValueError("C4 is streamed from the HuggingFace hub (allenai/c4), which cannot be reached; give "
+                         "--data-dir with local C4 json.gz shards, or --dataset text --data-dir with text files")
+    return lambda epoch: load_dataset("allenai/c4", "en", split=split, streaming=True).select_columns(["text"])
+
+
+class TokenStream:
+    """Fixed-length token sequences from a document stream, with its exact position in state_dict().
+
+    take(n) -> (inputs, targets), both (n, seq_len - 1): a sequence of seq_len tokens predicts its
+    last seq_len - 1 from the ones before; targets are -100 at padding. pack=False: one document
+    per sequence, truncated and right-padded; pack=True: documents concatenated (the stream's
+    unused tail is `carry`) and cut into full sequences. loop=False: stop at the end of the data.
+    """
+
+    def __init__(self, source, tokenizer, seq_len, pack, loop=True, docs_per_call=64):
+        self.source, self.tok, self.seq_len, self.pack, self.loop = source, tokenizer, seq_len, pack, loop
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or 0)
+        self.docs_per_call = docs_per_call  # packed mode reads (and tokenizes) this many documents at once
+        self.epoch, self.carry, self.done = 0, [], False
+        self.docs, self.iterator, self.read_in_epoch = source(0), None, False
+
+    def take(self, n):
+        seqs = []
+        while len(seqs) < n:
+            # Packed: full sequences come from the carried tail first, so the carry stays shorter
+            # than one read and the stream's state (epoch, position, carry) stays small to save.
+            if self.pack and len(self.carry) >= self.seq_len:
+                seqs.append(self.carry[:self.seq_len])
+                self.carry = self.carry[self.seq_len:]
+                continue
+            if self.done:
+                break
+            texts = self._read(n - len(seqs) if not self.pack else self.docs_per_call)
+            # one document per sequence: the tokenizer stops at seq_len tokens (C4 documents are long)
+            cut = {} if self.pack else {"truncation": True, "max_length": self.seq_len}
+            ids = self.tok(texts, add_special_tokens=False, **cut)["input_ids"] if texts else []
+            for doc in ids:
+                doc = doc + [self.eos] if self.eos is not None else doc
+                if self.pack:
+                    self.carry += doc
+                elif len(doc) >= 2:  # a sequence needs at least one target
+                    seqs.append(doc[:self.seq_len])
+        # inputs are tokens 0..L-2, targets tokens 1..L-1; padding gets target -100 (ignored by the loss)
+        ids = torch.full((len(seqs), self.seq_len), self.pad, dtype=torch.long)
+        targets = torch.full((len(seqs), self.seq_len - 1), -100, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s)
+            targets[i, :len(s) - 1] = ids[i, 1:len(s)]
+        return ids[:, :-1], targets
+
+    def _read(self, n):
+        """Up to n document texts; at the end of the data, the next epoch (loop) or stop."""
+        texts = []
+        while len(texts) < n:
+            if self.iterator is None:
+                self.iterator = iter(self.docs)
+            try:
+                texts.append(next(self.iterator)["text"])
+                self.read_in_epoch = True
+            except StopIteration:
+                if not self.loop:
+                    self.done = True
+                    break
+                if not self.read_in_epoch:
+                    raise ValueError("the training data holds no text") from None
+                self.epoch += 1
+                self.docs, self.iterator, self.read_in_epoch = self.source(self.epoch), None, False
+        return texts
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "docs": self.docs.state_dict(), "carry": list(self.carry)}
+
+    def load_state_dict(self, state):
+        self.epoch, self.carry = state["epoch"], list(state["carry"])
+        self.docs, self.iterator, self.read_in_epoch = self.source(self.epoch), None, True
+        self.docs.load_state_dict(state["docs"])
+
+
+class Batches(torch.utils.data.IterableDataset):
+    """stream.take(n) forever, each batch with the stream's state after it (the position to
+    checkpoint: the batches consumed, not the ones read ahead). An error is passed on as an item,
+    so that it reaches the training loop as itself."""
+
+    def __init__(self, stream, n):
+        self.stream, self.n = stream, n
+
+    def __iter__(self):
+        while True:
+            try:
+                ids, targets = self.stream.take(self.n)
+            except Exception as e:
+                yield e
+                return
+            yield ids, targets, self.stream.state_dict()
+
+
+class Prefetcher:
+    """Batches made ahead in --data-workers DataLoader worker processes (0: in this process, in
+    turn with training), so that reading and tokenizing text neither waits for nor slows the GPU:
+    a thread here would hold the interpreter lock the training loop needs to launch kernels."""
+
+    def __init__(self, stream, n, workers=1):
+        self.state = stream.state_dict()
+        # fork: the worker inherits the stream as it is (its document source is a closure)
+        # Its own generator: the loader's seed draw must not advance the global RNG that the
+        # checkpoint saves (a resumed run would otherwise save a different RNG state).
+        loader = torch.utils.data.DataLoader(Batches(stream, n), batch_size=None, num_workers=min(workers, 1),
+                                             generator=torch.Generator().manual_seed(0),
+                                             prefetch_factor=2 if workers else None,
+                                             multiprocessing_context="fork" if workers else None)
+        self.iterator = iter(loader)
+
+    def take(self):
+        item = next(self.iterator)
+        if isinstance(item, Exception):
+            raise item
+        ids, targets, self.state = item
+        return ids, targets
+
+
+def validation_batches(cfg, tokenizer):
+    """The first --eval-tokens target tokens of the validation data, as micro-batches (kept in memory)."""
+    stream = TokenStream(document_source(cfg, "validation"), tokenizer, cfg["seq_len"], cfg["pack"], loop=False)
+    batches, count = [], 0
+    while count < cfg["eval_tokens"]:
+        ids, targets = stream.take(cfg["micro_batch_size"])
+        if not len(ids):  # the end of the validation data
+            break
+        batches.append((ids, targets))
+        count += int((targets != -100).sum())
+    if not count:
+        raise ValueError("the validation data holds no text")
+    return batches
 
 
 if __name__ == "__main__":

@@ -84,126 +84,6 @@ RESUMABLE_CHANGES = {"data_dir", "out", "device", "workers", "bf16", "channels_l
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: small datasets live in memory as uint8 tensors; ImageNet-style folders use a DataLoader.
-
-
-def load_data(dataset, data_dir, train_subset=None, test_subset=None, download=True):
-    """(train, test) as dicts {x: uint8 (N,C,H,W), y: int64 (N)} or ImageFolder datasets.
-    download=False: only read data_dir (nothing is downloaded or unpacked into it)."""
-    data_dir = Path(data_dir)
-    if dataset in ("tinyimagenet", "imagenet"):
-        return _image_folders(dataset, data_dir)
-    import torchvision
-    if dataset == "fashion-mnist" and download:
-        _fashion_mnist_from_debian(data_dir)
-    cls = torchvision.datasets.CIFAR100 if dataset == "cifar100" else torchvision.datasets.FashionMNIST
-    try:
-        sets = [cls(str(data_dir), train=t, download=download) for t in (True, False)]
-    except Exception as e:  # offline download (URLError), corrupt or partial files, ...
-        hint = ("put cifar-100-python.tar.gz (or its extracted folder) in it" if dataset == "cifar100" else
-                "install the Debian package dataset-fashion-mnist, or put the IDX files in "
-                f"{data_dir / 'FashionMNIST' / 'raw'}")
-        raise ValueError(f"--data-dir {data_dir}: {dataset} could not be loaded or downloaded "
-                         f"({type(e).__name__}: {str(e)[:120]}); {hint}") from None
-    out = []
-    for ds, subset in zip(sets, (train_subset, test_subset)):
-        x = torch.as_tensor(ds.data)
-        x = x.permute(0, 3, 1, 2) if x.dim() == 4 else x[:, None]  # (N, C, H, W)
-        y = torch.as_tensor(ds.targets, dtype=torch.long)
-        if subset:  # a fixed random subset, the same for every run
-            idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:subset]
-            x, y = x[idx], y[idx]
-        out.append({"x": x.contiguous(), "y": y})
-    return out
-
-
-def _fashion_mnist_from_debian(data_dir, source=Path("/usr/share/datasets/fashion-mnist")):
-    """Unpack the Debian package's IDX files where torchvision's loader looks for them."""
-    raw = data_dir / "FashionMNIST" / "raw"
-    if not source.is_dir() or (raw / "t10k-labels-idx1-ubyte").exists():
-        return
-    raw.mkdir(parents=True, exist_ok=True)
-    for gz in source.glob("*-ubyte.gz"):
-        with gzip.open(gz) as src, open(raw / gz.stem, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-
-
-def _image_folders(dataset, data_dir):
-    import torchvision.transforms as T
-    from torchvision.datasets import ImageFolder
-    r = RECIPES[dataset]
-    norm = T.Normalize(r["mean"], r["std"])
-    if dataset == "imagenet":
-        train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
-        test_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
-    else:
-        train_tf = T.Compose([T.RandomCrop(64, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
-        test_tf = T.Compose([T.ToTensor(), norm])
-    for split in ("train", "val"):
-        if not (data_dir / split).is_dir():
-            raise ValueError(f"--data-dir {data_dir}: expected ImageFolder sub-folders train/ and val/ "
-                             f"(one folder per class) for {dataset}; {data_dir / split} is missing")
-    return ImageFolder(str(data_dir / "train"), train_tf), ImageFolder(str(data_dir / "val"), test_tf)
-
-
-def epoch_order(n, seed, epoch, member):
-    """The data order of one epoch: a permutation fixed by (seed, epoch, ensemble member)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + member)
-    return torch.randperm(n, generator=g), g
-
-
-def train_batches(data, batch_size, seed, epoch, member, dataset, device, workers=0, rank=0, world=1):
-    """Yield augmented, normalised (x, y) batches for one epoch (last partial batch dropped).
-
-    batch_size is the global batch; with `world` processes, process `rank` gets every world-th
-    item of each global batch, so the data a step sees does not depend on the number of processes.
-    """
-    if not isinstance(data, dict):  # ImageFolder
-        order, g = epoch_order(len(data), seed, epoch, member)
-        steps = len(order) // batch_size
-        mine = order[:steps * batch_size].view(steps, batch_size)[:, rank::world].reshape(-1)
-        loader = torch.utils.data.DataLoader(data, batch_size // world, sampler=mine.tolist(), num_workers=workers,
-                                             drop_last=True, generator=g, pin_memory=device != "cpu")
-        for x, y in loader:
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        return
-    order, g = epoch_order(len(data["y"]), seed, epoch, member)
-    for i in range(len(order) // batch_size):
-        idx = order[i * batch_size:(i + 1) * batch_size]
-        x = augment(data["x"][idx], g)[rank::world]  # the whole batch is drawn: same RNG stream everywhere
-        yield normalize(x.to(device), dataset), data["y"][idx][rank::world].to(device)
-
-
-def augment(x, g, pad=4):
-    """Pad-4 random crop + random horizontal flip of a uint8 batch, with generator g."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dx, dy = torch.randint(0, 2 * pad + 1, (2, n), generator=g).tolist()
-    flip = torch.rand(n, generator=g) < 0.5
-    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-    return torch.where(flip[:, None, None, None], out.flip(3), out)
-
-
-def normalize(x, dataset):
-    r = RECIPES[dataset]
-    mean = torch.tensor(r["mean"], device=x.device)[:, None, None]
-    std = torch.tensor(r["std"], device=x.device)[:, None, None]
-    return (x.float() / 255 - mean) / std
-
-
-def test_batches(data, batch_size, dataset, device, workers=0):
-    if not isinstance(data, dict):
-        loader = torch.utils.data.DataLoader(data, batch_size, num_workers=workers)
-        return ((x.to(device), y) for x, y in loader)
-    return ((normalize(data["x"][i:i + batch_size].to(device), dataset), data["y"][i:i + batch_size])
-            for i in range(0, len(data["y"]), batch_size))
-
-
-def num_train(data):
-    return len(data["y"]) if isinstance(data, dict) else len(data)
-
-
-# ----------------------------------------------------------------------------------------------
 # Configuration
 
 
@@ -286,10 +166,6 @@ def prune_to_fixed_topology(net, cfg):
     masks = sparsity.Masks(weights, sparsity.global_magnitude_masks(weights, 1.0 - cfg["sparsity"]), delta_t=0)
     masks.apply_()
     return masks
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
 
 
 def load_checkpoint(path, cfg=None, flag="--resume"):
@@ -578,6 +454,134 @@ def main(argv=None):
     except (ValueError, OSError, FloatingPointError) as e:
         print(f"{ap.prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: small datasets live in memory as uint8 tensors; ImageNet-style folders use a DataLoader.
+
+
+def load_data(dataset, data_dir, train_subset=None, test_subset=None, download=True):
+    """(train, test) as dicts {x: uint8 (N,C,H,W), y: int64 (N)} or ImageFolder datasets.
+    download=False: only read data_dir (nothing is downloaded or unpacked into it)."""
+    data_dir = Path(data_dir)
+    # Too large for memory (and decoded per image anyway): read through a DataLoader.
+    if dataset in ("tinyimagenet", "imagenet"):
+        return _image_folders(dataset, data_dir)
+    import torchvision
+    if dataset == "fashion-mnist" and download:
+        _fashion_mnist_from_debian(data_dir)
+    cls = torchvision.datasets.CIFAR100 if dataset == "cifar100" else torchvision.datasets.FashionMNIST
+    try:
+        sets = [cls(str(data_dir), train=t, download=download) for t in (True, False)]
+    except Exception as e:  # offline download (URLError), corrupt or partial files, ...
+        hint = ("put cifar-100-python.tar.gz (or its extracted folder) in it" if dataset == "cifar100" else
+                "install the Debian package dataset-fashion-mnist, or put the IDX files in "
+                f"{data_dir / 'FashionMNIST' / 'raw'}")
+        raise ValueError(f"--data-dir {data_dir}: {dataset} could not be loaded or downloaded "
+                         f"({type(e).__name__}: {str(e)[:120]}); {hint}") from None
+    # Small datasets as one uint8 tensor each: augmentation and batching are then tensor indexing,
+    # with no worker processes and no per-image Python (the CPU quick run spends its time training).
+    out = []
+    for ds, subset in zip(sets, (train_subset, test_subset)):
+        x = torch.as_tensor(ds.data)
+        x = x.permute(0, 3, 1, 2) if x.dim() == 4 else x[:, None]  # (N, C, H, W)
+        y = torch.as_tensor(ds.targets, dtype=torch.long)
+        if subset:  # a fixed random subset, the same for every run
+            idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:subset]
+            x, y = x[idx], y[idx]
+        out.append({"x": x.contiguous(), "y": y})
+    return out
+
+
+def _fashion_mnist_from_debian(data_dir, source=Path("/usr/share/datasets/fashion-mnist")):
+    """Unpack the Debian package's IDX files where torchvision's loader looks for them."""
+    raw = data_dir / "FashionMNIST" / "raw"
+    if not source.is_dir() or (raw / "t10k-labels-idx1-ubyte").exists():
+        return
+    raw.mkdir(parents=True, exist_ok=True)
+    for gz in source.glob("*-ubyte.gz"):
+        with gzip.open(gz) as src, open(raw / gz.stem, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+
+def _image_folders(dataset, data_dir):
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+    r = RECIPES[dataset]
+    norm = T.Normalize(r["mean"], r["std"])
+    if dataset == "imagenet":
+        train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        test_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
+    else:
+        train_tf = T.Compose([T.RandomCrop(64, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        test_tf = T.Compose([T.ToTensor(), norm])
+    for split in ("train", "val"):
+        if not (data_dir / split).is_dir():
+            raise ValueError(f"--data-dir {data_dir}: expected ImageFolder sub-folders train/ and val/ "
+                             f"(one folder per class) for {dataset}; {data_dir / split} is missing")
+    return ImageFolder(str(data_dir / "train"), train_tf), ImageFolder(str(data_dir / "val"), test_tf)
+
+
+def epoch_order(n, seed, epoch, member):
+    """The data order of one epoch: a permutation fixed by (seed, epoch, ensemble member)."""
+    # A fresh generator per (seed, epoch, member): a resumed run draws exactly the order it would
+    # have drawn, without replaying earlier epochs; each full-ensemble member sees its own order.
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + member)
+    return torch.randperm(n, generator=g), g
+
+
+def train_batches(data, batch_size, seed, epoch, member, dataset, device, workers=0, rank=0, world=1):
+    """Yield augmented, normalised (x, y) batches for one epoch (last partial batch dropped).
+
+    batch_size is the global batch; with `world` processes, process `rank` gets every world-th
+    item of each global batch, so the data a step sees does not depend on the number of processes.
+    """
+    if not isinstance(data, dict):  # ImageFolder
+        order, g = epoch_order(len(data), seed, epoch, member)
+        steps = len(order) // batch_size
+        mine = order[:steps * batch_size].view(steps, batch_size)[:, rank::world].reshape(-1)
+        loader = torch.utils.data.DataLoader(data, batch_size // world, sampler=mine.tolist(), num_workers=workers,
+                                             drop_last=True, generator=g, pin_memory=device != "cpu")
+        for x, y in loader:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        return
+    order, g = epoch_order(len(data["y"]), seed, epoch, member)
+    for i in range(len(order) // batch_size):
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        x = augment(data["x"][idx], g)[rank::world]  # the whole batch is drawn: same RNG stream everywhere
+        yield normalize(x.to(device), dataset), data["y"][idx][rank::world].to(device)
+
+
+def augment(x, g, pad=4):
+    """Pad-4 random crop + random horizontal flip of a uint8 batch, with generator g."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))  # zeros around, as torchvision's RandomCrop(padding=4)
+    dx, dy = torch.randint(0, 2 * pad + 1, (2, n), generator=g).tolist()
+    flip = torch.rand(n, generator=g) < 0.5
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def normalize(x, dataset):
+    """uint8 (N, C, H, W) -> float, (x / 255 - mean) / std per channel (on x's device: GPU runs
+    move the uint8 batch, a quarter of the bytes)."""
+    r = RECIPES[dataset]
+    mean = torch.tensor(r["mean"], device=x.device)[:, None, None]
+    std = torch.tensor(r["std"], device=x.device)[:, None, None]
+    return (x.float() / 255 - mean) / std
+
+
+def test_batches(data, batch_size, dataset, device, workers=0):
+    """(x, y) test batches in stored order: no augmentation, every image once (the last batch partial)."""
+    if not isinstance(data, dict):
+        loader = torch.utils.data.DataLoader(data, batch_size, num_workers=workers)
+        return ((x.to(device), y) for x, y in loader)
+    return ((normalize(data["x"][i:i + batch_size].to(device), dataset), data["y"][i:i + batch_size])
+            for i in range(0, len(data["y"]), batch_size))
+
+
+def num_train(data):
+    return len(data["y"]) if isinstance(data, dict) else len(data)
 
 
 if __name__ == "__main__":
