@@ -515,8 +515,7 @@ def lm_eval_main(argv):
         results = lm_eval.simple_evaluate(model=model, tasks=tasks, num_fewshot=args.num_fewshot,
                                           limit=args.limit, task_manager=manager, log_samples=False, bootstrap_iters=0)
     except (ValueError, OSError, KeyError) as e:
-        print(f"evaluate.py lm-eval: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        ap.fail(e)
     table = {task: {k.split(",")[0]: v for k, v in r.items() if isinstance(v, float)}
              for task, r in results["results"].items()}
     if args.json:
@@ -585,8 +584,7 @@ def eval_only_args(argv, script):
             raise ValueError("--eval-only needs --checkpoint PATH")
         check_checkpoint_arguments(args, script)
     except (ValueError, OSError) as e:
-        print(f"{ap.prog}: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        ap.fail(e)
     return ap.prog, args
 
 
@@ -660,8 +658,7 @@ def main():
             plot_history(args.history, args.history_plot)
             print(f"wrote {args.history_plot}")
     except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        ap.fail(e)
     if script:  # the data belong to the script that wrote the checkpoint: it evaluates, with these flags
         flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k in CHECKPOINT_FLAGS
                  if (v := getattr(args, k)) not in (None, False)]

@@ -301,8 +301,7 @@ def main(argv=None):
                         shape=(3, args.image_size, args.image_size))
         print_results(results, args.batch_size, args.threads, PAPER_TABLE7 if args.command == "table7" else None)
     except (ValueError, OSError, RuntimeError) as e:
-        print(f"{ap.prog}: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        ap.fail(e)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,16 @@ METHODS = {
 }
 
 
+def param_groups(net, head_lr_scale=1.0):
+    """Optimizer parameter groups: the backbone at the base learning rate, the heads at
+    head_lr_scale x it (the loop sets group lr = lr x group["lr_scale"]). Why: the loss is the mean
+    over heads (Sec. 3), so under SGD each head's gradient, and so its step, is 1/M of what it
+    would be alone; head_lr_scale = M gives every head the step size of a single network."""
+    groups = [{"params": list(net.backbone.parameters()), "lr_scale": 1.0},
+              {"params": list(net.heads.parameters()), "lr_scale": head_lr_scale}]
+    return [g for g in groups if g["params"]]  # a full ensemble has no backbone parameters
+
+
 def num_heads_of(method, num_heads):
     """M of a run: 1 for the single network, else --num-heads."""
     return 1 if METHODS[method].single else num_heads
@@ -223,12 +233,15 @@ def densities(net, sparsity_, allocation="global", init="er"):
     return sparsity.layer_densities(shapes, 1.0 - sparsity_, init, groups)
 
 
-def component_densities(net):
-    """Fraction of nonzero weights in the masked tensors of the backbone and each head."""
+def component_densities(net, masks=None):
+    """Density of the masked tensors of the backbone and each head: active mask entries / weights
+    (a weight outside `masks`, a sparsity.Masks, is dense). Mask entries, not nonzero values: a
+    weight regrown at 0 is active, and so is a trained weight that happens to be 0."""
+    held = masks.masks if masks is not None else {}
     counts = {}
     for name, w in masked_weights(net).items():
         c = counts.setdefault(component(name), [0, 0])
-        c[0] += int(torch.count_nonzero(w))
+        c[0] += sparsity.active_count(held[name]) if name in held else w.numel()
         c[1] += w.numel()
     return {k: round(a / n, 6) for k, (a, n) in counts.items()}
 
@@ -285,11 +298,21 @@ MAX_HEADS = 64  # M above this is a typo, not an experiment (the paper goes to M
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage dump); exit code 2, like argparse's own."""
+    """argparse with one-line errors (no usage dump): error() for a bad flag (exit code 2, like
+    argparse's own), fail() for what went wrong after parsing (exit code 1). The project's one
+    error printer: every command line reports through these two."""
 
     def error(self, message):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        fail(self.prog, message, 2)
+
+    def fail(self, message):
+        fail(self.prog, message, 1)
+
+
+def fail(prog, message, code=1):
+    """`prog: error: message` as one line on stderr, then exit with `code`."""
+    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(code)
 
 
 def int_in(lo, hi=None):
@@ -605,6 +628,9 @@ def add_run_arguments(ap, out_help):
     ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 autocast (default: on with CUDA)")
+    ap.add_argument("--head-lr-scale", type=float_in(0, 1e3, lo_open=True), default=1.0,
+                    help="learning rate of the heads = this x --lr (default 1: the paper). The loss is the mean "
+                         "over the M heads, so under SGD each head steps 1/M as far as a network alone; M undoes that")
 
 
 def init_distributed():

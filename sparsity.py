@@ -18,9 +18,14 @@ Imports: torch and the standard library only, so this file can be copied alone i
 Deviations from the released code (github.com/bramgrooten/neurotrails, see README "Deviations"):
   Deviation: mask sampling. Released code: Bernoulli draw per element. Ours: exactly
     round(d_i * N_i) active weights per layer, because the budget then holds exactly.
-  Deviation: optimizer state. Released code: zeroes SGD momentum but never Adam moments.
-    Ours: zero every optimizer-state tensor of a weight's shape (momentum, exp_avg, exp_avg_sq)
-    outside the mask, as google-research/rigl does, so regrown weights start from clean state.
+  Optimizer state (as the released code): SGD momentum is zeroed outside the mask; Adam's moments
+    are never masked. Adam's step count is global, so a zeroed exp_avg_sq would be bias-corrected
+    as if settled and a regrown weight's first steps would be several times a surviving weight's
+    (measured 8x after 1 step on a toy problem); warm moments (the dense gradient's statistics,
+    which the dense backward provides for inactive weights too) give it a normal-size first step.
+  Deviation: RigL ties. Released code (topk): the lowest indices win a tie, so rows of tokens absent
+    from a batch (exactly zero gradient) are grown in token-id order. Ours: ties at random, drawn
+    from the mask generator (reproducible and resumable).
   Deviation: soft magnitude on large tensors. Released code: moves tensors over 2^24 elements to
     numpy. Ours: Gumbel-top-k on the tensor's own device, any size.
   Deviation: drop-fraction floor. Released code: floors p(t) at 0.005. Ours: cosine to exactly 0
@@ -154,13 +159,14 @@ def prune_soft_magnitude(weight, mask, k, temperature, generator=None, scratch=N
     return topk_mask(keys, active_count(mask) - k)
 
 
-def grow_rigl(grad, mask, k, scratch=None):
-    """RigL growth (Evci 2020): activate the k inactive positions with the largest |grad|.
+def grow_rigl(grad, mask, k, scratch=None, generator=None):
+    """RigL growth (Evci 2020): activate the k inactive positions with the largest |grad|, ties at
+    the threshold broken at random with `generator` (lowest indices without one).
     scratch: optional float32 buffer of the gradient's shape, reused instead of allocated."""
     scores = torch.empty_like(grad, dtype=torch.float32) if scratch is None else scratch
     # grown = argtop-k over inactive i of |g_i| (active ones score -inf)
     scores.copy_(grad.detach()).abs_().masked_fill_(mask, float("-inf"))
-    return mask | topk_mask(scores, k)
+    return mask | topk_mask(scores, k, generator)
 
 
 def grow_random(mask, k, generator=None):
@@ -178,8 +184,10 @@ class Masks:
     """Bool masks for named weights, enforced after every optimizer step and evolved by DST.
 
     Training loop contract:
-        optimizer.step(); masks.apply_(optimizer)
-        if masks.is_update_step(step): masks.update(step, optimizer)   # p.grad still present
+        loss.backward()
+        if masks.is_update_step(step): masks.update(step, optimizer)   # before the step: p.grad is
+        optimizer.step(); masks.apply_(optimizer)                       # the loss gradient (a foreach
+                                                                        # SGD adds momentum into it)
 
     prune: "magnitude" | "soft_magnitude";  grow: "rigl" | "set";  delta_t = 0 (the default):
     static sparse. DST (delta_t > 0) needs t_end, the step at which the drop fraction reaches 0
@@ -242,14 +250,14 @@ class Masks:
             if self.grow == "rigl":
                 if weight.grad is None:
                     raise RuntimeError(f"RigL growth needs the gradient of {name}; call update "
-                                       "after backward and before zero_grad")
-                new = grow_rigl(weight.grad, kept, k, scratch[0])
+                                       "after backward and before optimizer.step()")
+                new = grow_rigl(weight.grad, kept, k, scratch[0], gen)
             else:
                 new = grow_random(kept, k, gen)
             if sync is not None:
                 new = sync(new)
-            # Pruned weights go to 0; new connections start at 0 with zero optimizer state; a
-            # weight pruned and regrown in the same update keeps its value (as in RigL).
+            # Pruned weights go to 0; new connections start at 0 (SGD momentum 0, Adam moments
+            # warm); a weight pruned and regrown in the same update keeps its value (as in RigL).
             keep = old & new
             weight.mul_(keep)
             for buf in _state_tensors(optimizer, weight):
@@ -309,11 +317,14 @@ def broadcast_mask(mask):
 
 
 def _state_tensors(optimizer, weight):
-    """Optimizer-state tensors shaped like `weight` (SGD momentum_buffer, Adam exp_avg, ...)."""
+    """The optimizer state that is masked with the weight: SGD's momentum_buffer. Adam's exp_avg
+    and exp_avg_sq stay warm (see the module docstring: zeroing them under a global step count
+    makes a regrown weight's first steps too large)."""
     if optimizer is None:
         return []
     state = optimizer.state.get(weight, {})
-    return [v for v in state.values() if torch.is_tensor(v) and v.shape == weight.shape]
+    buf = state.get("momentum_buffer")
+    return [buf] if torch.is_tensor(buf) and buf.shape == weight.shape else []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,10 +359,11 @@ def _kth_largest(flat, k):
     return flat.kthvalue(n - k + 1).values
 
 
-def topk_mask(scores, k):
+def topk_mask(scores, k, generator=None):
     """Bool mask (shape of `scores`) with exactly k True at the k largest scores.
 
-    Ties at the threshold go to the lowest flat indices, so the result is deterministic.
+    Ties at the threshold go to the lowest flat indices (deterministic), or, given a generator
+    (on the scores' device), to a uniformly random subset of the tied positions.
     """
     flat = scores.reshape(-1)
     if k <= 0 or k >= flat.numel():
@@ -361,7 +373,10 @@ def topk_mask(scores, k):
     if int(torch.count_nonzero(mask)) > k:  # ties at thr: keep the lowest indices among them
         torch.gt(flat, thr, out=mask)
         need = k - int(torch.count_nonzero(mask))
-        mask[(flat == thr).nonzero().squeeze(1)[:need]] = True
+        tied = (flat == thr).nonzero().squeeze(1)
+        if generator is not None:
+            tied = tied[torch.randperm(len(tied), generator=generator, device=tied.device)]
+        mask[tied[:need]] = True
     return mask.view_as(scores)
 
 

@@ -152,7 +152,8 @@ def build_run(cfg, vocab_size):
                                         prune=cfg["prune"].replace("-", "_"), grow=cfg["grow"],
                                         temperature=cfg["temperature"], p0=cfg["drop_fraction"],
                                         delta_t=cfg["delta_t"] if method.evolves else 0, t_end=cfg["updates"])
-    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    opt = torch.optim.Adam(neurotrails.param_groups(net, cfg["head_lr_scale"]), lr=cfg["lr"],
+                           weight_decay=cfg["weight_decay"])
     return net, masks, opt
 
 
@@ -214,7 +215,7 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
         began = time.perf_counter()
         lr = lr_at(update, cfg)  # App. E.2: linear warmup, then cosine to min_lr_ratio x lr
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]  # the heads' group: --head-lr-scale x lr
 
         # The batch: every process reads the whole global batch (members x batch sequences) and
         # keeps its share, so an update sees the same data for any number of processes. The loss
@@ -244,14 +245,15 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
             raise FloatingPointError(f"loss is {loss_sum.item()} at update {update + 1}; "
                                      f"{neurotrails.last_good(good)}")
 
-        # The step, then the masks: inactive weights (and their Adam moments) back to exactly 0;
-        # every Delta T updates soft-magnitude prune + RigL regrow on the accumulated dense gradient.
-        opt.step()
+        # Every Delta T updates, before the step: soft-magnitude prune + RigL regrow, scored on the
+        # accumulated (all-reduced) gradient of the loss. Then the step, and inactive weights back
+        # to exactly 0 (Adam's moments stay warm: see sparsity.py on regrown weights' first steps).
         step = update + 1
+        if masks is not None and masks.is_update_step(step):
+            masks.update(step, opt, sync)
+        opt.step()
         if masks is not None:
             masks.apply_(opt)
-            if masks.is_update_step(step):
-                masks.update(step, opt, sync)
         if device.startswith("cuda"):
             torch.cuda.synchronize()  # honest tokens/s: wait for the GPU before reading the clock
         update_tokens, seconds = int(counts.sum()), time.perf_counter() - began
@@ -276,7 +278,7 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
         if log_now and rank == 0:
             loss_window, tokens_window, time_window, updates_window = window
             record = {"update": step, "tokens": tokens, "loss": loss_window / updates_window, "lr": lr,
-                      "tokens_per_s": tokens_window / time_window, "density": neurotrails.component_densities(net)}
+                      "tokens_per_s": tokens_window / time_window, "density": neurotrails.component_densities(net, masks)}
             if changed and step == start + 1:
                 record["resumed_with"] = changed
             if evaluate_now:
@@ -380,8 +382,7 @@ def eval_only(argv):
         cfg["data_dir"] = args.data_dir or cfg["data_dir"]
         batches = validation_batches(cfg, tokenizer)
     except (ValueError, OSError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        neurotrails.fail(prog, e)
     evaluate.report_language_checkpoint(net, batches, args, bf16_autocast(cfg))
 
 
@@ -476,8 +477,7 @@ def main(argv=None):
         if rank == 0:
             print_table(rows)
     except (ValueError, OSError, FloatingPointError) as e:
-        print(f"{ap.prog}: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        ap.fail(e)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -149,14 +149,16 @@ def build_run(cfg, steps_per_epoch):
                                         prune="magnitude", grow=cfg["grow"], p0=cfg["drop_fraction"],
                                         delta_t=cfg["delta_t"] if method.evolves else 0,
                                         t_end=cfg["epochs"] * steps_per_epoch)
-    opt = torch.optim.SGD(net.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True,
-                          weight_decay=cfg["weight_decay"])
+    opt = torch.optim.SGD(neurotrails.param_groups(net, cfg["head_lr_scale"]), lr=cfg["lr"],
+                          momentum=cfg["momentum"], nesterov=True, weight_decay=cfg["weight_decay"])
     return net, masks, opt
 
 
 def lr_at(epoch, cfg):
-    """Step decay: lr x 0.1 after 25%, 50% and 75% of the epochs (App. E.2)."""
-    passed = sum(epoch >= f * cfg["epochs"] for f in (0.25, 0.5, 0.75))
+    """Step decay: lr x 0.1 from epoch int(f x E) on, f = 25%, 50%, 75% (App. E.2; int() as the
+    released code: with E = 450 the first decay is at epoch index 112, not 113). At least 1, so a
+    run of fewer than 4 epochs still starts at --lr."""
+    passed = sum(epoch >= max(1, int(f * cfg["epochs"])) for f in (0.25, 0.5, 0.75))
     return cfg["lr"] * 0.1 ** passed
 
 
@@ -203,7 +205,7 @@ def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0, go
     for epoch in range(start_epoch, cfg["epochs"]):
         lr = lr_at(epoch, cfg)  # App. E.2: x0.1 at 25, 50 and 75 % of the epochs
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]  # the heads' group: --head-lr-scale x lr
         net.train()
         start, loss_sum = time.perf_counter(), torch.zeros((), device=device)
         streams = [train_batches(train_data, cfg["batch_size"], cfg["seed"], epoch, i, cfg["dataset"], device,
@@ -227,18 +229,20 @@ def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0, go
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}; "
                                          f"{neurotrails.last_good(good)}")
 
-            # The step. The forward/backward is dense, so p.grad is the dense gradient RigL scores.
+            # The backward is dense, so p.grad is the dense gradient of the loss that RigL scores.
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
             loss_sum += loss.detach()
 
-            # Every step: weights outside the masks (and their momentum) back to exactly 0.
-            # Every Delta T steps: prune the smallest |w|, regrow as many by |grad| (RigL) or at random.
+            # Every Delta T steps, BEFORE the step (a foreach SGD adds momentum into p.grad):
+            # prune the smallest |w|, regrow as many by |grad| (RigL) or at random (SET).
+            if masks is not None and masks.is_update_step(step):
+                masks.update(step, opt, sync)
+
+            # The step; then the weights outside the masks (and their momentum) back to exactly 0.
+            opt.step()
             if masks is not None:
                 masks.apply_(opt)
-                if masks.is_update_step(step):
-                    masks.update(step, opt, sync)
 
             # Pruning baseline, once, half-way: global magnitude pruning to 1 - S, then a fixed topology.
             if method.prunes and step == prune_step:  # weights are equal on all ranks
@@ -256,7 +260,7 @@ def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0, go
         # Every epoch, rank 0: the test metrics and one log line (the test set never selects anything).
         if rank == 0:
             record = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": loss_sum.item() / steps_per_epoch,
-                      **test_metrics(net, test_data, cfg), "density": neurotrails.component_densities(net),
+                      **test_metrics(net, test_data, cfg), "density": neurotrails.component_densities(net, masks),
                       "epoch_time_s": train_time, "ms_per_step": 1000 * train_time / steps_per_epoch}
             if changed and epoch == start_epoch:
                 record["resumed_with"] = changed
@@ -354,8 +358,7 @@ def eval_only(argv):
         if args.corruptions and not isinstance(data, dict):
             raise ValueError("--corruptions needs an in-memory test set (CIFAR-100 or Fashion-MNIST checkpoints)")
     except (ValueError, OSError, RuntimeError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        neurotrails.fail(prog, e)
     evaluate.report_image_checkpoint(net, batches, args, args.aggregate or cfg["aggregate"], data,
                                      lambda x: normalize(x.to(device), cfg["dataset"]))
 
@@ -452,8 +455,7 @@ def main(argv=None):
             if rank == 0:
                 print_table({args.method: record})
     except (ValueError, OSError, FloatingPointError) as e:
-        print(f"{ap.prog}: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        ap.fail(e)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -155,10 +155,10 @@ def test_two_runs_with_one_seed_give_bitwise_equal_weights():
             x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
             opt.zero_grad()
             neurotrails.ensemble_loss(net(x), y).backward()
-            opt.step()
-            masks.apply_(opt)
             if masks.is_update_step(step):
                 masks.update(step, opt)
+            opt.step()
+            masks.apply_(opt)
         return net.state_dict()
     a, b = run(), run()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -211,3 +211,19 @@ def test_a_checkpoint_rebuilds_its_network_also_from_files_without_model_kwargs(
     rebuilt = neurotrails.model_from_checkpoint({"config": lm, "model": llama.state_dict()})
     assert rebuilt.state_dict()["backbone.stem.weight"].shape[0] == 300
     assert sum(p.numel() for p in rebuilt.parameters()) == sum(p.numel() for p in llama.parameters())
+
+
+def test_logged_density_counts_mask_entries_not_nonzero_weights():
+    net = tiny()
+    masks = neurotrails.build_masks(net, 0.5)
+    name, mask = next(iter(masks.masks.items()))
+    with torch.no_grad():
+        masks.weights[name][mask] = 0.0  # active weights that happen to be 0 (e.g. regrown at 0)
+    by_masks = neurotrails.component_densities(net, masks)
+    expected = {}
+    for n, w in neurotrails.masked_weights(net).items():
+        a, t = expected.get(neurotrails.component(n), (0, 0))
+        active = int(masks.masks[n].sum()) if n in masks.masks else w.numel()
+        expected[neurotrails.component(n)] = (a + active, t + w.numel())
+    assert by_masks == {k: round(a / t, 6) for k, (a, t) in expected.items()}
+    assert neurotrails.component_densities(net) == {k: 1.0 for k in expected}  # no masks: dense

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import neurotrails
 import train_vision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,6 +152,40 @@ def test_lr_step_decay_at_25_50_75_percent():
     cfg = {"lr": 0.1, "epochs": 8}
     assert [train_vision.lr_at(e, cfg) for e in range(8)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001])
+    # milestones at int(f x E) as the released code: E = 10 decays at epochs 2, 5, 7 (ceil: 3, 5, 8)
+    lrs = [train_vision.lr_at(e, {"lr": 1.0, "epochs": 10}) for e in range(10)]
+    assert [e for e in range(1, 10) if lrs[e] < lrs[e - 1]] == [2, 5, 7]
+
+
+def test_topology_updates_score_the_gradient_before_the_optimizer_step(data_dir, tmp_path, monkeypatch):
+    """A foreach SGD (the CUDA default) adds momentum into p.grad in place: the update must come first."""
+    import sparsity
+    seen, steps = [], [0]
+    real_step, real_update = torch.optim.SGD.step, sparsity.Masks.update
+
+    def step(self, *a, **k):
+        steps[0] += 1
+        return real_step(self, *a, **k)
+
+    def update(self, t, *a, **k):
+        seen.append((t, steps[0]))
+        return real_update(self, t, *a, **k)
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    monkeypatch.setattr(sparsity.Masks, "update", update)
+    train_vision.main(TINY + ["--data-dir", str(data_dir), "--epochs", "1", "--out", str(tmp_path)])
+    assert seen and all(done == t - 1 for t, done in seen), seen  # steps 1..t-1 done, step t not yet
+
+
+def test_head_lr_scale_gives_the_heads_their_own_learning_rate(data_dir, tmp_path):
+    train_vision.main(TINY + ["--data-dir", str(data_dir), "--epochs", "1", "--head-lr-scale", "2",
+                              "--out", str(tmp_path)])
+    state = load(tmp_path / "last.pt")
+    groups = state["optimizer"]["param_groups"]
+    assert [g["lr_scale"] for g in groups] == [1.0, 2.0] and groups[1]["lr"] == pytest.approx(2 * groups[0]["lr"])
+    assert state["config"]["head_lr_scale"] == 2.0
+    net = neurotrails.model_from_checkpoint(state)
+    assert len(groups[1]["params"]) == len(list(net.heads.parameters()))  # every head parameter, nothing else
+    assert len(groups[0]["params"]) == len(list(net.backbone.parameters()))
 
 
 def test_augmentation_is_a_crop_and_flip_of_the_input():
