@@ -517,10 +517,14 @@ def save_checkpoint(path, script, state):
             os.fsync(folder)
         finally:
             os.close(folder)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # a full disk surfaces as RuntimeError from torch's zip writer
         tmp.unlink(missing_ok=True)
         kept = f"the previous {path} is intact" if path.exists() else "no checkpoint was written"
-        raise OSError(e.errno, f"could not write {path} ({e.strerror or e}); {kept}") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        free = shutil.disk_usage(path.parent).free / 2**20
+        raise OSError(getattr(e, "errno", None) or errno.EIO,
+                      f"could not write {path} ({' '.join(reason.split())[:100]}; {free:.1f} MiB free there); "
+                      f"{kept}") from None
 
 
 def checkpoint_script(state):
