@@ -637,6 +637,17 @@ def add_run_arguments(ap, out_help):
                          "over the M heads, so under SGD each head steps 1/M as far as a network alone; M undoes that")
 
 
+def methods_to_run(args, supported):
+    """--method, or the methods of --compare (checked against `supported`); --resume continues one run."""
+    if args.compare and args.resume:
+        raise ValueError("--resume continues one run; it cannot be combined with --compare")
+    methods = args.compare.split(",") if args.compare else [args.method]
+    bad = [m for m in methods if m not in supported]
+    if bad:
+        raise ValueError(f"--compare: unknown method {bad[0]!r}; choose from {', '.join(supported)}")
+    return methods
+
+
 def init_distributed():
     """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on GPUs, gloo on CPU."""
     import torch.distributed as dist

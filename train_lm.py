@@ -461,12 +461,7 @@ def main(argv=None):
     neurotrails.init_distributed()
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
-        if args.compare and args.resume:
-            raise ValueError("--resume continues one run; it cannot be combined with --compare")
-        methods = args.compare.split(",") if args.compare else [args.method]
-        bad = [m for m in methods if m not in METHODS]
-        if bad:
-            raise ValueError(f"--compare: unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
+        methods = neurotrails.methods_to_run(args, METHODS)
         rows = {}
         for m in methods:
             cfg = resolve_config(argparse.Namespace(**{**vars(args), "method": m, "out": args.out if not args.compare

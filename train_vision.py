@@ -435,13 +435,8 @@ def main(argv=None):
     neurotrails.init_distributed()
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
-        if args.compare and args.resume:
-            raise ValueError("--resume continues one run; it cannot be combined with --compare")
-        if args.compare:
-            methods = args.compare.split(",")
-            bad = [m for m in methods if m not in METHODS]
-            if bad:
-                raise ValueError(f"--compare: unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
+        methods = neurotrails.methods_to_run(args, METHODS)
+        if args.compare:  # one run per method, each in OUT/<method> (or its default folder), one table
             rows = {}
             for m in methods:
                 cfg = resolve_config(argparse.Namespace(**{**vars(args), "method": m, "out": None if args.out is None
