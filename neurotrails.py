@@ -431,11 +431,28 @@ def _locked(path):
     return False
 
 
+_HELD_LOCKS = set()  # file descriptors of the .lock files this process holds
+
+
+def _close_locks_in_child():
+    """After a fork (DataLoader workers): the child closes its copies of the held .lock files.
+    A flock belongs to the open file description, shared with forked children, so an orphaned
+    worker would otherwise keep a SIGKILLed run's folder locked until it noticed and exited."""
+    for fd in _HELD_LOCKS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
 class run_folder:
     """Context manager: create --out, hold its .lock while training (a second run on the same
-    folder is refused; the kernel drops the lock if the process dies, even by SIGKILL); with
-    --overwrite, remove the files of the run it replaces; resuming into another folder, start it
-    with the checkpoint resumed from."""
+    folder is refused; the kernel drops the lock if the process dies, even by SIGKILL, and forked
+    children never hold it); with --overwrite, remove the files of the run it replaces; resuming
+    into another folder, start it with the checkpoint resumed from."""
+
+    fork_hook = False  # os.register_at_fork is registered once per process, on first use
 
     def __init__(self, out, resume=None, overwrite=False):
         self.out, self.resume, self.overwrite, self.lock = Path(out), resume, overwrite, None
@@ -455,6 +472,10 @@ class run_folder:
             raise ValueError(f"--out {self.out} is in use by another running process") from None
         self.lock.write(f"{os.getpid()}\n")
         self.lock.flush()
+        if not run_folder.fork_hook:
+            os.register_at_fork(after_in_child=_close_locks_in_child)
+            run_folder.fork_hook = True
+        _HELD_LOCKS.add(self.lock.fileno())
         own = self.resume is not None and Path(self.resume).resolve().parent == self.out.resolve()
         (self.out / "last.pt.tmp").unlink(missing_ok=True)  # left by a kill during a save; we hold the lock
         if self.overwrite and not own:
@@ -468,6 +489,7 @@ class run_folder:
         return self.out
 
     def __exit__(self, *exc):
+        _HELD_LOCKS.discard(self.lock.fileno())
         self.lock.close()  # closing releases the flock; the file itself stays (harmless)
         return False
 

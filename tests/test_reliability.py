@@ -114,6 +114,23 @@ def test_a_second_run_on_a_folder_in_use_is_refused(data_dir, tmp_path, capsys):
     assert (out / "last.pt").exists()
 
 
+def test_a_sigkilled_run_leaves_its_folder_unlocked_even_with_a_forked_worker_alive(tmp_path):
+    """A DataLoader worker (forked) outlives a SIGKILLed trainer for a few seconds; it must not
+    keep the folder locked, or the immediate --resume would be refused as "in use"."""
+    script = (f"import os, signal, time, neurotrails\n"
+              f"with neurotrails.run_folder({str(tmp_path / 'run')!r}):\n"
+              f"    if os.fork() == 0:\n"
+              f"        time.sleep(20); os._exit(0)\n"
+              f"    os.kill(os.getpid(), signal.SIGKILL)\n")
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT)
+    assert proc.returncode == -signal.SIGKILL
+    neurotrails.check_run_folder(tmp_path / "run")  # raises "in use" while anything holds the lock
+    with neurotrails.run_folder(tmp_path / "run"):
+        pass
+    assert time.time() - started < 15  # long before the orphaned child exits
+
+
 def test_the_default_folder_names_what_makes_runs_differ():
     quick = train_vision.resolve_config(train_vision.parse_args(
         ["--dataset", "fashion-mnist", "--model", "wrn10-2", "--train-subset", "6000", "--epochs", "4"])[1])
