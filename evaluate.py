@@ -29,7 +29,6 @@ Deviation: prediction disagreement. Released code: averages an M x M matrix incl
   diagonal, which understates the pairwise mean by a factor (M-1)/M. Ours: the mean over the
   M(M-1)/2 pairs, and also the fraction of samples on which the heads do not all agree.
 """
-import argparse
 import contextlib
 import json
 import math

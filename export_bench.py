@@ -24,7 +24,6 @@ Variants: single (dense, M=1), ensemble (M dense members), treenet (M dense head
 (NeuroTrails at sparsity S). Weights of bench variants are freshly initialised with random masks
 at the allocated densities: speed does not depend on trained values, only on where the zeros are.
 """
-import argparse
 import os
 import statistics
 import sys

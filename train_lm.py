@@ -44,7 +44,6 @@ Deviation: C4 order. Released code: the streamed C4 is shuffled with a buffer. O
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext

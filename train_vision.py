@@ -30,7 +30,6 @@ import argparse
 import gzip
 import json
 import math
-import os
 import shutil
 import sys
 import time

@@ -3,7 +3,6 @@ valid, exit code != 0, no traceback, nothing written. The table below holds the 
 over the seven command lines: train_vision.py, train_lm.py, evaluate.py and its flops and lm-eval
 subcommands, export_bench.py, neurotrails.py). Flags are checked before data are loaded, so each
 case takes well under a second (a few load a checkpoint or the data to find what is wrong)."""
-import json
 import shutil
 import sys
 from pathlib import Path
