@@ -408,7 +408,7 @@ def check_run_folder(out, resume=None, overwrite=False):
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
     holds = [f for f in ("log.jsonl", "last.pt") if (out / f).exists()]
-    own = resume is not None and Path(resume).resolve().parent == out.resolve()
+    own = _resumes_here(resume, out)
     if holds and not own and not overwrite:
         raise ValueError(f"--out {out} already holds a run ({' and '.join(holds)}); continue it with "
                          f"--resume {out / 'last.pt'}, or replace it with --overwrite")
@@ -419,8 +419,13 @@ def check_run_folder(out, resume=None, overwrite=False):
         raise ValueError(f"--out {out}: cannot create or write it ({parent} is not writable)")
 
 
+def _resumes_here(resume, out):
+    """True when --resume names a checkpoint inside --out: the run continues in its own folder."""
+    return resume is not None and Path(resume).resolve().parent == Path(out).resolve()
+
+
 def _locked(path):
-    import fcntl
+    import fcntl  # POSIX only: imported where used, so the module itself still imports anywhere
     if not path.exists():
         return False
     with open(path) as f:
@@ -459,7 +464,7 @@ class run_folder:
 
     def __enter__(self):
         import fcntl
-        check_run_folder(self.out, self.resume, self.overwrite)
+        check_run_folder(self.out, self.resume, self.overwrite)  # again: another run may have started since
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             self.lock = open(self.out / ".lock", "w")
@@ -476,7 +481,7 @@ class run_folder:
             os.register_at_fork(after_in_child=_close_locks_in_child)
             run_folder.fork_hook = True
         _HELD_LOCKS.add(self.lock.fileno())
-        own = self.resume is not None and Path(self.resume).resolve().parent == self.out.resolve()
+        own = _resumes_here(self.resume, self.out)
         (self.out / "last.pt.tmp").unlink(missing_ok=True)  # left by a kill during a save; we hold the lock
         if self.overwrite and not own:
             for name in RUN_FILES:
