@@ -35,7 +35,9 @@ import math
 import os
 import re
 import shutil
+import subprocess
 import sys
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple
@@ -302,6 +304,11 @@ class Parser(argparse.ArgumentParser):
     argparse's own), fail() for what went wrong after parsing (exit code 1). The project's one
     error printer: every command line reports through these two."""
 
+    def __init__(self, *args, **kwargs):
+        # No abbreviated flags: a sweep rewrites flags by their full names, and --out must not
+        # hide behind --o.
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message):
         fail(self.prog, message, 2)
 
@@ -395,7 +402,7 @@ def check_writable_file(path, flag):
         raise ValueError(f"{flag} {path}: cannot write there ({parent} is not a writable folder)")
 
 
-RUN_FILES = ("log.jsonl", "last.pt", "config.json", "tokenizer.json")  # what a training run writes
+RUN_FILES = ("log.jsonl", "last.pt", "config.json", "tokenizer.json", "results.json")  # what a training run writes
 
 
 def check_run_folder(out, resume=None, overwrite=False):
@@ -683,6 +690,187 @@ def init_distributed():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweeps and results files (paper Sec. 5: every analysis is a grid of runs over one or two flags)
+
+# Flags a sweep owns or that would mix runs: never an axis.
+SWEEP_OWNED = ("--sweep", "--seeds", "--seed", "--out", "--resume", "--overwrite", "--compare")
+
+
+def add_sweep_arguments(ap):
+    """--sweep FLAG=V1,V2 (repeatable: a product) and --seeds S1,S2 of both trainers."""
+    ap.add_argument("--sweep", action="append", default=[], metavar="FLAG=V1,V2,...",
+                    help="run every value of FLAG (any flag that takes a value, e.g. blocks-in-head=1,2,4,8 or "
+                         "method=single,treenet); repeat for a product grid; one run folder per point under --out "
+                         "(named by its values); re-running the same command skips finished points and resumes "
+                         "interrupted ones")
+    ap.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                    help="run every point of the grid with each of these seeds (default: --seed)")
+
+
+def sweep_grid(specs, seeds, default_seed=0):
+    """[(name, [(flag, value), ...], seed)] for --sweep specs x --seeds, seeds outermost (so a
+    grid cut short has every point of the first seeds). ValueError names the bad spec."""
+    axes = []
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        flag = "--" + name.strip().lstrip("-")
+        values = [v.strip() for v in values.split(",")]
+        if not sep or flag == "--" or not all(values):
+            raise ValueError(f"--sweep {spec!r}: expected FLAG=V1,V2,... (e.g. blocks-in-head=1,2,4)")
+        if flag in SWEEP_OWNED:
+            raise ValueError(f"--sweep {spec!r}: {flag} cannot be swept" +
+                             (" (use --seeds)" if flag == "--seed" else ""))
+        if any(flag == f for f, _ in axes):
+            raise ValueError(f"--sweep {spec!r}: {flag} is swept twice")
+        if len(set(values)) < len(values):
+            raise ValueError(f"--sweep {spec!r}: a value is repeated")
+        axes.append((flag, values))
+    try:
+        seeds = [int(s) for s in seeds.split(",")] if seeds else [default_seed]
+    except ValueError:
+        raise ValueError(f"--seeds {seeds!r}: expected comma-separated integers (e.g. 0,1,2)") from None
+    if len(set(seeds)) < len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds {','.join(map(str, seeds))}: seeds must be distinct and >= 0")
+    grid = []
+    for seed in seeds:
+        for values in _product([v for _, v in axes]):
+            flags = [(f, v) for (f, _), v in zip(axes, values)]
+            name = "_".join(f"{f[2:]}={v}" for f, v in flags + [("--seed", seed)]).replace("/", "-")
+            grid.append((name, flags, seed))
+    return grid
+
+
+def _product(lists):
+    if not lists:
+        return [[]]
+    return [[v, *rest] for v in lists[0] for rest in _product(lists[1:])]
+
+
+def sweep_argv(argv):
+    """The trainer's command line without the flags a sweep sets per point."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in SWEEP_OWNED:
+            skip = token != "--overwrite"
+        elif not token.startswith(tuple(f + "=" for f in SWEEP_OWNED)):
+            kept.append(token)
+    return kept
+
+
+def run_sweep(script, argv, args, check):
+    """Run every point of `args.sweep` x `args.seeds` as `python script <flags>` in --out/<name>.
+
+    check(point_argv) validates one point's whole command line (raises ValueError or exits):
+    every point is checked before the first one runs. A point whose folder holds results.json is
+    finished and skipped; one with a last.pt is resumed from it; otherwise it starts (a folder a
+    killed run left before its first checkpoint has nothing to lose and is replaced). A point that
+    fails is reported and the sweep goes on; the exit code is 1 if any failed.
+    """
+    if not args.out:
+        raise ValueError("--sweep / --seeds need --out DIR, the folder that holds one run folder per point")
+    if args.compare or args.resume:
+        raise ValueError("--sweep / --seeds run their own points: sweep method=... instead of --compare, "
+                         "and re-run the same command instead of --resume")
+    grid, base = sweep_grid(args.sweep, args.seeds, args.seed), sweep_argv(argv)
+    points = [(name, [*base, *(t for f, v in flags for t in (f, v)), "--seed", str(seed), "--out",
+                      str(Path(args.out) / name)]) for name, flags, seed in grid]
+    for name, point in points:
+        try:
+            check(point)
+        except ValueError as e:
+            raise ValueError(f"sweep point {name}: {e}") from None
+    failed, start = [], time.perf_counter()
+    for i, (name, point) in enumerate(points, 1):
+        folder = Path(args.out) / name
+        head = f"[{i}/{len(points)}] {name}"
+        if (folder / "results.json").exists():
+            print(f"{head}: finished, skipped", flush=True)
+            continue
+        if (folder / "last.pt").exists():
+            point, what = point + ["--resume", str(folder / "last.pt")], "resuming"
+        else:
+            point, what = point + (["--overwrite"] if folder.exists() else []), "running"
+        print(f"{head}: {what} -> {folder}", flush=True)
+        t0 = time.perf_counter()
+        code = subprocess.run([sys.executable, str(Path(script).resolve()), *point]).returncode
+        if code:
+            failed.append(name)
+            print(f"{head}: FAILED (exit code {code}); the other points go on", flush=True)
+        else:
+            print(f"{head}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    total = f"{len(points)} points in {time.perf_counter() - start:.0f} s"
+    if failed:
+        raise ValueError(f"sweep: {len(failed)} of {total} failed: {', '.join(failed)}; re-run the same command "
+                         f"to retry them (finished points are skipped)")
+    print(f"sweep: {total}; report: python evaluate.py report {args.out} --out REPORT", flush=True)
+
+
+def machine_info():
+    """CPU model, core count and the ISA flags that decide kernel speed; the GPU if any."""
+    cpu, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not cpu:
+                cpu = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        import platform
+        cpu = platform.processor()
+    isa = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                       "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8") if f in flags]
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "isa": isa, "gpu": gpu}
+
+
+def package_versions():
+    """Versions of Python and of every package the project uses that is installed."""
+    from importlib import metadata
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "torchvision", "transformers", "datasets", "numpy", "onnx", "onnxruntime", "deepsparse",
+                 "lm-eval"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit():
+    """The project's git commit (with "-dirty" if tracked files changed), or None outside a clone."""
+    here = Path(__file__).resolve().parent
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", str(here), *a], capture_output=True, text=True, timeout=10)
+        head = run("rev-parse", "HEAD")
+        if head.returncode:
+            return None
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_results(out, script, config, record, wall_time_s):
+    """OUT/results.json, written when a run has reached its budget: final metrics, the config,
+    time (this process's wall time; the training time summed over the log, resumes included),
+    versions, commit, machine. Its presence marks the run finished (a sweep skips it)."""
+    out = Path(out)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] \
+        if (out / "log.jsonl").exists() else []
+    train_time = sum(r.get("epoch_time_s", r.get("interval_time_s", 0.0)) for r in log)
+    results = {"script": script, "metrics": record, "config": config, "wall_time_s": wall_time_s,
+               "train_time_s": train_time, "versions": package_versions(), "git_commit": git_commit(),
+               "machine": machine_info()}
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=float))
+    os.replace(tmp, out / "results.json")
+    return out / "results.json"
 
 
 def main():

@@ -86,11 +86,13 @@ VALIDATION_EVERY = 20  # --dataset text: every 20th file (sorted by path) is hel
 def resolve_config(args):
     """The run's full configuration: flags, filled in from the paper's recipe for the model."""
     r, method = RECIPES.get(args.model, DEFAULT_RECIPE), neurotrails.METHODS[args.method]
-    cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "compare", "overwrite")}
+    cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "compare", "overwrite", "sweep", "seeds")}
     if not models.is_language_model(args.model):
         raise ValueError(f"--model {args.model!r} is not a language model; choose one of "
                          f"{', '.join(models.LLAMA_CONFIGS)} (image models: train_vision.py)")
     cfg["lr"] = r["lr"] if args.lr is None else args.lr
+    if args.train_tokenizer is not None:  # the config names the tokenizer actually used
+        cfg["tokenizer"] = f"byte-level BPE of {args.train_tokenizer} tokens trained on --data-dir (tokenizer.json)"
     cfg["num_heads"] = neurotrails.num_heads_of(args.method, args.num_heads)
     cfg["sparsity"] = args.sparsity if method.sparse else 0.0
     if args.updates is None:  # App. E.2: sparse runs get 1/(1-S) times the dense updates (11,111 at S=0.1)
@@ -277,7 +279,8 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
         if log_now and rank == 0:
             loss_window, tokens_window, time_window, updates_window = window
             record = {"update": step, "tokens": tokens, "loss": loss_window / updates_window, "lr": lr,
-                      "tokens_per_s": tokens_window / time_window, "density": neurotrails.component_densities(net, masks)}
+                      "tokens_per_s": tokens_window / time_window, "interval_time_s": time_window,
+                      "density": neurotrails.component_densities(net, masks)}
             if changed and step == start + 1:
                 record["resumed_with"] = changed
             if evaluate_now:
@@ -324,9 +327,10 @@ def tokenizer_for(cfg, state=None):
 
 
 def run(cfg, resume=None, overwrite=False):
-    """One configuration end to end; returns the last evaluation record plus cost figures. The
-    folder is checked before the data and the tokenizer are loaded, and locked while training."""
-    out, rank = Path(cfg["out"]), dist.get_rank() if dist.is_initialized() else 0
+    """One configuration end to end; returns the last evaluation record plus cost figures (in
+    OUT/results.json too, once the whole budget is trained). The folder is checked before the
+    data and the tokenizer are loaded, and locked while training."""
+    began, out, rank = time.perf_counter(), Path(cfg["out"]), dist.get_rank() if dist.is_initialized() else 0
     state = load_checkpoint(resume, cfg) if resume else None
     if rank == 0:
         neurotrails.check_run_folder(out, resume, overwrite)
@@ -360,6 +364,9 @@ def run(cfg, resume=None, overwrite=False):
     if record is None or "ppl" not in record:  # resumed a finished run, or stopped between evaluations
         record = dict(record or {}, **evaluate.perplexity(net, val_batches, bf16_autocast(cfg)))
     record.update(evaluate.parameter_counts(net), **cost_vs_single(net, cfg, len(tokenizer)))
+    end = min(cfg["updates"], start + cfg["stop_after"]) if cfg["stop_after"] else cfg["updates"]
+    if end == cfg["updates"]:  # the whole budget: results.json marks the run finished
+        print(f"wrote {neurotrails.write_results(out, SCRIPT, cfg, record, time.perf_counter() - began)}", flush=True)
     return record
 
 
@@ -448,6 +455,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,
                     help="seed of init, masks, DST sampling and data order, in [0, 2^32)")
     neurotrails.add_run_arguments(ap, "runs/lm-<model>-<method>-M<M>-S<S>-u<updates>-seed<seed>")
+    neurotrails.add_sweep_arguments(ap)
     return ap, ap.parse_args(argv)
 
 
@@ -457,6 +465,11 @@ def main(argv=None):
     if argv[:1] == ["--eval-only"]:
         return eval_only(argv[1:])
     ap, args = parse_args(argv)
+    try:
+        if args.sweep or args.seeds:  # one process per point: `python train_lm.py <point's flags>`
+            return neurotrails.run_sweep(__file__, argv, args, lambda a: resolve_config(parse_args(a)[1]))
+    except ValueError as e:
+        ap.fail(e)
     neurotrails.init_distributed()
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:

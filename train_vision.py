@@ -94,7 +94,7 @@ def model_kwargs(dataset):
 def resolve_config(args):
     """The run's full configuration: flags, filled in from the paper's recipe for the dataset."""
     r, method = RECIPES[args.dataset], neurotrails.METHODS[args.method]
-    cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "compare", "overwrite")}
+    cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "compare", "overwrite", "sweep", "seeds")}
     cfg["model"] = args.model or r["model"]
     for key in ("lr", "momentum", "weight_decay", "batch_size", "delta_t"):
         if cfg[key] is None:
@@ -286,12 +286,13 @@ def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0, go
 
 
 def run(cfg, resume=None, overwrite=False):
-    """One configuration end to end; returns the last epoch's record plus cost figures.
+    """One configuration end to end; returns the last epoch's record plus cost figures, also
+    written to OUT/results.json with the config, times, versions and machine.
 
     --out is checked before anything is loaded (a folder holding another run is refused) and
     locked while training; resuming into a new folder carries the old log over.
     """
-    out, rank = Path(cfg["out"]), dist.get_rank() if dist.is_initialized() else 0
+    began, out, rank = time.perf_counter(), Path(cfg["out"]), dist.get_rank() if dist.is_initialized() else 0
     state = load_checkpoint(resume, cfg) if resume else None
     if rank == 0:
         neurotrails.check_run_folder(out, resume, overwrite)
@@ -322,6 +323,7 @@ def run(cfg, resume=None, overwrite=False):
         record = {"epoch": start_epoch, "step": step, **test_metrics(net, test_data, cfg)}
     example = next(test_batches(test_data, 1, cfg["dataset"], cfg["device"]))[0]
     record.update(evaluate.parameter_counts(net), **cost_vs_single(net, cfg, example))
+    print(f"wrote {neurotrails.write_results(out, SCRIPT, cfg, record, time.perf_counter() - began)}", flush=True)
     return record
 
 
@@ -419,6 +421,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,
                     help="seed of init, masks, data order and augmentation, in [0, 2^32)")
     neurotrails.add_run_arguments(ap, "runs/<dataset>-<model>-<method>-M<M>-S<S>-e<epochs>-...-seed<seed>")
+    neurotrails.add_sweep_arguments(ap)
     ap.add_argument("--workers", type=int_in(0, 256), default=0, help="DataLoader workers for ImageFolder datasets")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                     help="channels-last memory format (default: on with CUDA)")
@@ -431,6 +434,11 @@ def main(argv=None):
     if argv[:1] == ["--eval-only"]:
         return eval_only(argv[1:])
     ap, args = parse_args(argv)
+    try:
+        if args.sweep or args.seeds:  # one process per point: `python train_vision.py <point's flags>`
+            return neurotrails.run_sweep(__file__, argv, args, lambda a: resolve_config(parse_args(a)[1]))
+    except ValueError as e:
+        ap.fail(e)
     neurotrails.init_distributed()
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
