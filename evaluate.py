@@ -438,6 +438,304 @@ def plot_history(jsonl_path, path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Report: a folder of runs -> results.csv, summary.md and the paper's analysis figures (Sec. 5)
+
+# Config keys that never make runs differ in result (where they ran, how they were resumed).
+NOT_AXES = {"out", "data_dir", "device", "workers", "world_size", "resumed", "seed", "bf16", "channels_last",
+            "data_workers", "micro_batch_size", "stop_after", "save_every", "log_every", "eval_every"}
+METHOD_NAMES = {"single": "single dense", "treenet": "TreeNet", "ensemble": "full ensemble",
+                "neurotrails": "NeuroTrails", "static": "static sparse", "pruning": "pruning", "set": "SET"}
+VISION_COLUMNS = ("acc", "nll", "ece", "pd_any", "pd_pairwise", "head_acc_mean", "head_acc", "infer_flops_vs_single",
+                  "active_params", "params", "train_time_s", "wall_time_s")
+LM_COLUMNS = ("ppl", "ppl_logits", "ppl_heads", "infer_flops_vs_single", "active_params", "params", "train_time_s",
+              "wall_time_s")
+SUMMARY_COLUMNS = {  # column -> (header, scale, digits)
+    "acc": ("accuracy %", 100, 2), "nll": ("NLL", 1, 3), "ece": ("ECE", 1, 3), "pd_any": ("PD any %", 100, 1),
+    "pd_pairwise": ("PD pairwise %", 100, 1), "head_acc_mean": ("head acc %", 100, 2),
+    "ppl": ("perplexity", 1, 2), "ppl_logits": ("ppl (mean of logits)", 1, 2),
+    "infer_flops_vs_single": ("inference FLOPs vs single", 1, 3), "active_params": ("active params", 1, 0),
+    "train_time_s": ("train time s", 1, 0)}
+
+
+def find_runs(folders):
+    """Every run folder (config.json + log.jsonl) under `folders`, with its config, log and, for a
+    finished run, results.json. Sorted by path; unfinished runs keep results None."""
+    runs = []
+    for folder in folders:
+        for config in sorted(Path(folder).rglob("config.json")):
+            run = config.parent
+            if not (run / "log.jsonl").exists():
+                continue
+            results = run / "results.json"
+            runs.append({"path": run, "config": json.loads(config.read_text()),
+                         "log": [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line],
+                         "results": json.loads(results.read_text()) if results.exists() else None})
+    return runs
+
+
+def swept_keys(runs):
+    """Config keys whose values differ between the runs (what a sweep varied), in a stable order."""
+    keys = sorted({k for r in runs for k in r["config"]} - NOT_AXES)
+    first = {k: json.dumps(runs[0]["config"].get(k)) for k in keys}
+    varied = [k for k in keys if any(json.dumps(r["config"].get(k)) != first[k] for r in runs)]
+    if "method" in varied:  # M, S, |F_h| or epochs that follow from the method alone are not axes
+        per_method = {}
+        for r in runs:
+            for k in varied:
+                per_method.setdefault((k, r["config"]["method"]), set()).add(json.dumps(r["config"].get(k)))
+        varied = [k for k in varied if k == "method" or any(len(v) > 1 for (key, _), v in per_method.items()
+                                                            if key == k)]
+    return sorted(varied, key=lambda k: (k != "method", k))
+
+
+def result_rows(runs, keys):
+    """One row per finished run: its folder, swept values, seed and final metrics."""
+    rows = []
+    for r in runs:
+        if r["results"] is None:
+            continue
+        m, cfg = r["results"]["metrics"], r["config"]
+        row = {"run": str(r["path"]), "script": r["results"]["script"], **{k: cfg.get(k) for k in keys},
+               "method": cfg["method"], "seed": cfg["seed"]}
+        if "head_acc" in m:
+            m = {**m, "head_acc_mean": sum(m["head_acc"]) / len(m["head_acc"])}
+        for col in (LM_COLUMNS if "ppl" in m else VISION_COLUMNS):
+            v = r["results"].get(col, m.get(col))
+            row[col] = ";".join(f"{x:.6g}" for x in v) if isinstance(v, list) else v
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows, path):
+    import csv
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, columns)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def mean_std(values):
+    """(mean, sample standard deviation; 0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+
+
+def groups(rows, keys):
+    """Rows grouped by their swept values (seed aside): {values tuple: [rows]} in first-seen order."""
+    out = {}
+    for row in rows:
+        out.setdefault(tuple(row[k] for k in keys), []).append(row)
+    return out
+
+
+def summary_markdown(rows, keys, title):
+    """One table: per point of the grid, mean +- std over its seeds of each metric."""
+    cols = [c for c in SUMMARY_COLUMNS if any(isinstance(r.get(c), (int, float)) for r in rows)]
+    head = [*(k.replace("_", " ") for k in keys), "seeds", *(SUMMARY_COLUMNS[c][0] for c in cols)]
+    lines = [f"# {title}", "", "Mean ± sample std over seeds; last epoch / update of each run (the test set "
+             "selects nothing).", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for values, members in groups(rows, keys).items():
+        cells = [METHOD_NAMES.get(v, v) if k == "method" else str(v) for k, v in zip(keys, values)]
+        cells.append(",".join(str(r["seed"]) for r in members))
+        for c in cols:
+            _, scale, digits = SUMMARY_COLUMNS[c]
+            mean, std = mean_std([scale * r[c] for r in members if isinstance(r.get(c), (int, float))])
+            cells.append(f"{mean:,.{digits}f}" + (f" ± {std:,.{digits}f}" if len(members) > 1 else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def group_label(values, keys, skip=()):
+    """A legend entry from a point's swept values, e.g. "NeuroTrails, head lr scale 3"."""
+    parts = []
+    for k, v in zip(keys, values):
+        if k in skip:
+            continue
+        parts.append(METHOD_NAMES.get(v, v) if k == "method" else f"{k.replace('_', ' ')} {v}")
+    return ", ".join(parts) or "runs"
+
+
+def run_title(runs, keys):
+    """What the runs share: dataset / model / budget, for figure titles."""
+    cfg = runs[0]["config"]
+    parts = [cfg.get("dataset"), cfg.get("model")]
+    if "train_subset" not in keys and cfg.get("train_subset"):
+        parts.append(f"{cfg['train_subset']:,} train images")
+    for key in ("epochs", "updates"):
+        if key not in keys and cfg.get(key):
+            parts.append(f"{cfg[key]:,} {key if cfg[key] > 1 else key[:-1]}")
+    return ", ".join(str(p) for p in parts if p)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(plt, fig, legend_ax, path, title):
+    legend_ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_vs(rows, keys, x, panels, path, title):
+    """Fig. 3 / 6 / 7 and the budget plot: each metric of `panels` against swept key `x`, a line
+    per combination of the other swept values, mean +- std over seeds (error bars)."""
+    plt = _pyplot()
+    others = [k for k in keys if k != x]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    for ax, (col, ylabel, scale) in zip(axes[0], panels):
+        for values, members in groups(rows, others).items():
+            by_x = groups(members, [x])
+            xs = sorted(v[0] for v in by_x)
+            stats = [mean_std([scale * r[col] for r in by_x[(v,)]]) for v in xs]
+            ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
+                        label=group_label(values, others))
+        ax.set(xlabel=x.replace("_", " "), ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        if all(float(v).is_integer() for v in (r[x] for r in rows)):
+            ax.xaxis.get_major_locator().set_params(integer=True)
+    _save(plt, fig, axes[0][0], path, f"{title} (mean ± std over seeds)")
+
+
+def plot_goldilocks(rows, keys, path, title):
+    """Fig. 3 (right): disagreement vs accuracy, one line per method, points labelled by |F_h|."""
+    plt = _pyplot()
+    others = [k for k in keys if k != "blocks_in_head"]
+    fig, ax = plt.subplots(figsize=(5.5, 4.4))
+    for values, members in groups([r for r in rows if r["pd_any"] or r["method"] != "single"], others).items():
+        by_b = groups(members, ["blocks_in_head"])
+        bs = sorted(v[0] for v in by_b)
+        pd = [mean_std([100 * r["pd_any"] for r in by_b[(b,)]])[0] for b in bs]
+        acc = [mean_std([100 * r["acc"] for r in by_b[(b,)]])[0] for b in bs]
+        ax.plot(pd, acc, marker="o", label=group_label(values, others))
+        for b, px, py in zip(bs, pd, acc):
+            ax.annotate(f"|F_h|={b}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set(xlabel="prediction disagreement, any (%)", ylabel="ensemble accuracy (%)")
+    ax.grid(alpha=0.3)
+    _save(plt, fig, ax, path, f"{title}\naccuracy vs disagreement (mean over seeds)")
+
+
+def plot_over_training(runs, keys, x, panels, path, title):
+    """Fig. 5 and the LM curves: metrics over epochs / updates from the logs, a line per point of
+    the grid (mean over its seeds, band = +- std where seeds share the x values)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    by_point = {}
+    for r in runs:
+        by_point.setdefault(tuple(r["config"].get(k) for k in keys), []).append(r)
+    for i, (values, members) in enumerate(by_point.items()):
+        color = f"C{i % 10}"
+        for ax, (col, ylabel, scale) in zip(axes[0], panels):
+            logs = [[e for e in m["log"] if col in e] for m in members]
+            if not any(logs):
+                continue
+            if col == "ppl_heads":  # every head's curve, thin, in the point's colour
+                for log in logs[:1]:
+                    for h in range(len(log[0][col])):
+                        ax.plot([e[x] for e in log], [e[col][h] for e in log], color=color, lw=0.8, alpha=0.6,
+                                ls="--", label=f"{group_label(values, keys)} heads" if h == 0 else None)
+                continue
+            xs = sorted(set.intersection(*(set(e[x] for e in log) for log in logs)))
+            at = [{e[x]: scale * e[col] for e in log} for log in logs]
+            stats = [mean_std([a[v] for a in at]) for v in xs]
+            mean = [m for m, _ in stats]
+            ax.plot(xs, mean, color=color, marker="o" if len(xs) <= 30 else None, ms=3,
+                    label=group_label(values, keys))
+            ax.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats], color=color, alpha=0.2)
+            ax.set(xlabel=x, ylabel=ylabel)
+            ax.grid(alpha=0.3)
+            if x == "epoch":
+                ax.xaxis.get_major_locator().set_params(integer=True)
+    _save(plt, fig, axes[0][0], path, f"{title} (mean ± std over seeds)")
+
+
+def write_report(folders, out):
+    """results.csv, summary.md and every figure the runs support; returns the paths written."""
+    order = list(METHOD_NAMES)  # single, TreeNet, ensemble, NeuroTrails, ...: the same order in every table
+    runs = sorted(find_runs(folders), key=lambda r: (order.index(r["config"]["method"])
+                                                     if r["config"].get("method") in order else len(order)))
+    if not runs:
+        raise ValueError(f"no run folders (config.json + log.jsonl) under {' '.join(map(str, folders))}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for script in ("train_vision.py", "train_lm.py"):
+        lm = script == "train_lm.py"
+        mine = [r for r in runs if ("updates" in r["config"]) == lm]
+        if not mine:
+            continue
+        keys = swept_keys(mine)
+        rows = result_rows(mine, keys)
+        prefix = "lm_" if lm else ""
+        title = run_title(mine, keys)
+        if rows:
+            written.append(out / f"{prefix}results.csv")
+            write_csv(rows, written[-1])
+            written.append(out / f"{prefix}summary.md")
+            unfinished = len(mine) - len(rows)
+            written[-1].write_text(summary_markdown(rows, keys, title) + (
+                f"\n{unfinished} unfinished run(s) (no results.json) are not in this table.\n" if unfinished else ""))
+        if lm:
+            written.append(out / "lm_perplexity.png")
+            plot_over_training(mine, keys, "update", [("ppl", "validation perplexity (soft vote)", 1),
+                                                      ("ppl_heads", "perplexity of each head", 1)], written[-1], title)
+            if rows and "updates" in keys:
+                written.append(out / "lm_budget.png")
+                plot_vs(rows, keys, "updates", [("ppl", "validation perplexity", 1)], written[-1], title)
+            continue
+        # Fig. 5: over training; with a budget axis, the runs of the largest budget only
+        longest = [r for r in mine if r["config"]["epochs"] == max(m["config"]["epochs"] for m in mine)]
+        written.append(out / "fig5_over_training.png")
+        plot_over_training(longest, [k for k in keys if k != "epochs"] if "epochs" in keys else keys, "epoch",
+                           [("acc", "test accuracy (%)", 100), ("pd_any", "prediction disagreement, any (%)", 100)],
+                           written[-1], run_title(longest, keys))
+        accuracy_pd = [("acc", "test accuracy (%)", 100), ("pd_any", "prediction disagreement, any (%)", 100)]
+        figures = {"epochs": ("budget_epochs.png", accuracy_pd + [("nll", "test NLL", 1)]),
+                   "blocks_in_head": ("fig3_blocks_in_head.png", accuracy_pd),
+                   "num_heads": ("fig6_num_heads.png", [accuracy_pd[0], ("infer_flops_vs_single",
+                                                                        "inference FLOPs vs single", 1)]),
+                   "sparsity": ("fig7_sparsity.png", accuracy_pd)}
+        for key, (name, panels) in figures.items():
+            if rows and key in keys:
+                written.append(out / name)
+                plot_vs(rows, keys, key, panels, written[-1], title)
+        if rows and "blocks_in_head" in keys:
+            written.append(out / "fig3_goldilocks.png")
+            plot_goldilocks(rows, keys, written[-1], title)
+    return written
+
+
+def report_main(argv):
+    ap = neurotrails.Parser(prog="evaluate.py report", description="Collect run folders (for example the points of "
+                            "a --sweep) into REPORT/results.csv (a row per finished run: swept values, seed, metrics), "
+                            "REPORT/summary.md (mean ± std over seeds per point) and the figures the runs support: "
+                            "budget (accuracy vs --epochs), Fig. 3 (vs blocks in head, and the accuracy-disagreement "
+                            "plot), Fig. 5 (over training), Fig. 6 (vs M), Fig. 7 (vs sparsity); language runs: "
+                            "lm_results.csv, lm_summary.md, perplexity over updates and per head.")
+    ap.add_argument("folders", nargs="+", help="folders searched (recursively) for run folders")
+    ap.add_argument("--out", required=True, help="folder for the report (created)")
+    args = ap.parse_args(argv)
+    try:
+        for folder in args.folders:
+            if not Path(folder).is_dir():
+                raise ValueError(f"{folder}: no such folder")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a file, not a folder")
+        written = write_report(args.folders, args.out)
+    except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError
+        ap.fail(e)
+    for path in written:
+        print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -634,11 +932,13 @@ def main():
         return flops_main(sys.argv[2:])
     if sys.argv[1:2] == ["lm-eval"]:
         return lm_eval_main(sys.argv[2:])
+    if sys.argv[1:2] == ["report"]:
+        return report_main(sys.argv[2:])
     ap = neurotrails.Parser(prog="evaluate.py", description="Evaluate a saved train_vision.py checkpoint "
                             "on its test set (accuracy, NLL, ECE, disagreement, per-head accuracy) or a train_lm.py "
                             "checkpoint on its validation tokens (perplexities), or plot a log. The data are read "
                             "by the script that wrote the checkpoint (`<script> --eval-only ...`, run for you). "
-                            "Subcommands: `evaluate.py flops --help`, `evaluate.py lm-eval --help`.")
+                            "Subcommands: `evaluate.py flops --help`, `evaluate.py lm-eval --help`, `evaluate.py report --help`.")
     add_checkpoint_arguments(ap)
     ap.add_argument("--history", default=None, help="a training JSONL log: plot accuracy and disagreement")
     ap.add_argument("--history-plot", default="history.png", help="output PNG for --history")

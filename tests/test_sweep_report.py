@@ -1,0 +1,246 @@
+"""Sweeps (--sweep / --seeds in both trainers) and `evaluate.py report`: the grid, skipping finished
+points, resuming interrupted ones, results.json, the CSV against the runs' own logs, the summary's
+mean +- std, and every figure from small synthetic run folders."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import evaluate
+import neurotrails
+from test_train_lm import tiny as tiny_lm, write_corpus
+from test_train_vision import DEBIAN
+
+ROOT = Path(__file__).resolve().parents[1]
+VISION = ["--dataset", "fashion-mnist", "--model", "wrn10-1", "--train-subset", "128", "--test-subset", "64",
+          "--batch-size", "32", "--delta-t", "2", "--num-heads", "2", "--epochs", "1"]
+needs_fmnist = pytest.mark.skipif(not DEBIAN.is_dir(), reason="needs the Debian package dataset-fashion-mnist")
+
+
+def cli(script, *args):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+
+
+# ----------------------------------------------------------------------------------------------
+# The grid
+
+
+def test_grid_is_the_product_of_the_axes_with_seeds_outermost():
+    grid = neurotrails.sweep_grid(["blocks-in-head=1,2", "--method=single,treenet"], "3,5")
+    assert [name for name, _, _ in grid] == [
+        f"blocks-in-head={b}_method={m}_seed={s}" for s in (3, 5) for b in (1, 2) for m in ("single", "treenet")]
+    assert grid[1][1] == [("--blocks-in-head", "1"), ("--method", "treenet")] and grid[1][2] == 3
+    assert [s for _, _, s in neurotrails.sweep_grid([], None, default_seed=7)] == [7]  # --seeds alone, or --seed
+    assert neurotrails.sweep_grid(["tokenizer=a/b.json"], None)[0][0] == "tokenizer=a-b.json_seed=0"  # a folder name
+
+
+@pytest.mark.parametrize("specs, seeds, match", [
+    (["blocks-in-head"], None, "expected FLAG=V1,V2"), (["blocks-in-head=1,,2"], None, "expected FLAG=V1,V2"),
+    (["=1,2"], None, "expected FLAG"), (["seed=0,1"], None, "use --seeds"), (["out=a,b"], None, "cannot be swept"),
+    (["epochs=1,2", "epochs=3"], None, "swept twice"), (["epochs=1,1"], None, "repeated"),
+    ([], "0,x", "comma-separated integers"), ([], "1,1", "distinct"), ([], "-1", ">= 0")])
+def test_bad_sweep_specs_are_refused_naming_the_spec(specs, seeds, match):
+    with pytest.raises(ValueError, match=match):
+        neurotrails.sweep_grid(specs, seeds)
+
+
+def test_the_point_command_line_drops_what_the_sweep_sets():
+    argv = ["--epochs", "2", "--sweep", "a=1,2", "--seeds=0,1", "--out", "D", "--overwrite", "--seed", "4", "--pack"]
+    assert neurotrails.sweep_argv(argv) == ["--epochs", "2", "--pack"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision sweeps end to end (real Fashion-MNIST, tiny)
+
+
+@needs_fmnist
+def test_vision_sweep_runs_skips_and_resumes_every_point(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "sweep"
+    args = [*VISION, "--data-dir", str(data), "--sweep", "method=single,treenet", "--seeds", "0,1", "--out", str(out)]
+    first = cli("train_vision.py", *args)
+    assert first.returncode == 0, first.stderr
+    names = [f"method={m}_seed={s}" for s in (0, 1) for m in ("single", "treenet")]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    for name in names:
+        results = json.loads((out / name / "results.json").read_text())
+        last = json.loads((out / name / "log.jsonl").read_text().splitlines()[-1])
+        assert results["metrics"]["acc"] == last["acc"] and results["config"]["seed"] == int(name[-1])
+        assert results["config"]["method"] == name.split("_")[0].split("=")[1]
+        assert results["machine"]["cpu"] and results["versions"]["torch"] and results["train_time_s"] > 0
+    assert [f"[{i}/4] {n}: running" in first.stdout for i, n in enumerate(names, 1)] == [True] * 4
+
+    # the same command again: every point finished, nothing runs, nothing changes
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = cli("train_vision.py", *args)
+    assert again.returncode == 0 and again.stdout.count("finished, skipped") == 4
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
+
+    # interrupted points: one killed after its checkpoint (no results.json), one before its first save
+    (out / names[1] / "results.json").unlink()
+    (out / names[2] / "last.pt").unlink()
+    (out / names[2] / "results.json").unlink()
+    third = cli("train_vision.py", *args)
+    assert third.returncode == 0, third.stderr
+    assert f"{names[1]}: resuming" in third.stdout and f"{names[2]}: running" in third.stdout
+    assert third.stdout.count("finished, skipped") == 2
+    for name in names:
+        assert (out / name / "results.json").exists()
+        assert len((out / name / "log.jsonl").read_text().splitlines()) == 1  # one epoch, logged once
+
+
+@needs_fmnist
+def test_a_bad_point_is_refused_before_any_point_runs(tmp_path):
+    out = tmp_path / "sweep"
+    done = cli("train_vision.py", *VISION, "--data-dir", str(tmp_path / "data"), "--sweep", "blocks-in-head=1,9",
+               "--out", str(out))
+    assert done.returncode == 1 and not out.exists()
+    assert "sweep point blocks-in-head=9_seed=0" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    for extra, match in ((["--compare", "single,treenet"], "--compare"), ([], "need --out")):
+        argv = [*VISION, "--data-dir", str(tmp_path / "data"), "--seeds", "0,1", *extra]
+        if extra:
+            argv += ["--out", str(out)]
+        done = cli("train_vision.py", *argv)
+        assert done.returncode == 1 and match in done.stderr and not out.exists()
+
+
+@needs_fmnist
+def test_a_failing_point_does_not_stop_the_others(tmp_path):
+    out = tmp_path / "sweep"
+    (out / "method=single_seed=0").mkdir(parents=True)
+    (out / "method=single_seed=0" / "last.pt").write_text("not a checkpoint")  # this point cannot resume
+    done = cli("train_vision.py", *VISION, "--data-dir", str(tmp_path / "data"), "--sweep", "method=single,treenet",
+               "--out", str(out))
+    assert done.returncode == 1 and "1 of 2 points" in done.stderr and "method=single_seed=0" in done.stderr
+    assert (out / "method=treenet_seed=0" / "results.json").exists()
+
+
+def test_lm_sweep_resumes_points_stopped_by_stop_after(tmp_path):
+    corpus, out = write_corpus(tmp_path / "corpus", files=24), tmp_path / "sweep"
+    args = tiny_lm(corpus, out, "--updates", "4", "--stop-after", "2", "--delta-t", "2",
+                   "--sweep", "method=single,neurotrails")
+    first = cli("train_lm.py", *args)
+    assert first.returncode == 0, first.stderr
+    names = ["method=single_seed=0", "method=neurotrails_seed=0"]
+    assert not any((out / n / "results.json").exists() for n in names)  # 2 of 4 updates: not finished
+    second = cli("train_lm.py", *args)
+    assert second.returncode == 0 and second.stdout.count(": resuming") == 2
+    for name in names:
+        log = [json.loads(line) for line in (out / name / "log.jsonl").read_text().splitlines()]
+        results = json.loads((out / name / "results.json").read_text())
+        assert [r["update"] for r in log] == [1, 2, 3, 4] and results["metrics"]["ppl"] == log[-1]["ppl"]
+        assert results["config"]["tokenizer"].startswith("byte-level BPE of 400 tokens")
+    assert cli("train_lm.py", *args).stdout.count("finished, skipped") == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# The report, from synthetic run folders
+
+
+def fake_vision_run(folder, method, seed, epochs=3, blocks_in_head=2, num_heads=3, sparsity=0.8, finished=True):
+    """A run folder as train_vision.py writes it, with metrics that depend on the settings."""
+    folder.mkdir(parents=True)
+    heads = 1 if method == "single" else num_heads
+    cfg = {"dataset": "fashion-mnist", "model": "wrn10-2", "method": method, "seed": seed, "epochs": epochs,
+           "num_heads": heads, "blocks_in_head": blocks_in_head, "sparsity": sparsity if method == "neurotrails"
+           else 0.0, "train_subset": 6000, "out": str(folder), "device": "cpu"}
+    log = []
+    for e in range(1, epochs + 1):
+        acc = 0.5 + 0.05 * e + 0.01 * seed + 0.02 * blocks_in_head + (0.03 if method == "neurotrails" else 0)
+        log.append({"epoch": e, "acc": acc, "nll": 1 / acc, "ece": 0.1 - 0.01 * e, "pd_any": 0.0 if heads == 1 else
+                    0.1 * blocks_in_head + 0.01 * seed, "pd_pairwise": 0.0 if heads == 1 else 0.05 * blocks_in_head,
+                    "head_acc": [acc - 0.01 * i for i in range(heads)], "epoch_time_s": 2.0})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    if finished:
+        metrics = {**log[-1], "infer_flops_vs_single": heads * (1 - cfg["sparsity"]), "active_params": 1000 * heads,
+                   "params": 1000 * heads}
+        (folder / "results.json").write_text(json.dumps({"script": "train_vision.py", "metrics": metrics,
+                                                         "config": cfg, "wall_time_s": 9.0, "train_time_s": 6.0}))
+    return log
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_csv_matches_the_logs_and_the_summary_is_mean_and_std(tmp_path):
+    runs = tmp_path / "runs"
+    logs = {}
+    for method in ("single", "treenet", "neurotrails"):
+        for epochs in (2, 4):
+            for seed in (0, 1, 2):
+                logs[method, epochs, seed] = fake_vision_run(runs / f"{method}-{epochs}-{seed}", method, seed, epochs)
+    fake_vision_run(runs / "unfinished", "neurotrails", 5, 4, finished=False)
+    written = evaluate.write_report([runs], tmp_path / "report")
+    rows = read_csv(tmp_path / "report" / "results.csv")
+    assert len(rows) == 18  # the unfinished run has no row
+    for row in rows:
+        last = logs[row["method"], int(row["epochs"]), int(row["seed"])][-1]
+        for col in ("acc", "nll", "ece", "pd_any", "pd_pairwise"):
+            assert float(row[col]) == pytest.approx(last[col], rel=1e-12)
+        assert float(row["head_acc_mean"]) == pytest.approx(sum(last["head_acc"]) / len(last["head_acc"]))
+        assert len(row["head_acc"].split(";")) == (1 if row["method"] == "single" else 3)
+    # swept: method and epochs; M, S, blocks in head follow from the method and are not columns
+    assert {"method", "epochs", "seed"} <= set(rows[0]) and "num_heads" not in rows[0] and "sparsity" not in rows[0]
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    accs = [100 * logs["treenet", 4, s][-1]["acc"] for s in (0, 1, 2)]
+    mean, std = evaluate.mean_std(accs)
+    assert f"| TreeNet | 4 | 0,1,2 | {mean:.2f} ± {std:.2f} |" in summary
+    assert std == pytest.approx(1.0)  # accuracies 1 point apart: sample std (n - 1) is exactly 1
+    assert "1 unfinished run" in summary
+    assert {p.name for p in written} == {"results.csv", "summary.md", "fig5_over_training.png", "budget_epochs.png"}
+
+
+@pytest.mark.parametrize("axis, values, figures", [
+    ("blocks_in_head", (1, 2, 3), {"fig3_blocks_in_head.png", "fig3_goldilocks.png"}),
+    ("num_heads", (2, 3, 4), {"fig6_num_heads.png"}),
+    ("sparsity", (0.5, 0.8, 0.95), {"fig7_sparsity.png"})])
+def test_each_analysis_figure_is_written_from_the_runs_that_support_it(tmp_path, axis, values, figures):
+    runs = tmp_path / "runs"
+    for method in ("treenet", "neurotrails"):
+        for v in values:
+            for seed in (0, 1):
+                fake_vision_run(runs / f"{method}-{v}-{seed}", method, seed, **{axis: v})
+    written = {p.name for p in evaluate.write_report([runs], tmp_path / "report")}
+    assert written == {"results.csv", "summary.md", "fig5_over_training.png"} | figures
+    for name in written:
+        path = tmp_path / "report" / name
+        if name.endswith(".png"):
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    rows = read_csv(tmp_path / "report" / "results.csv")
+    assert sorted({float(r[axis]) for r in rows if r["method"] == "neurotrails"}) == sorted(map(float, values))
+
+
+def test_language_runs_get_their_own_table_and_perplexity_curves(tmp_path):
+    runs = tmp_path / "runs"
+    for method, heads in (("single", 1), ("neurotrails", 3)):
+        for seed in (0, 1):
+            folder = runs / f"{method}-{seed}"
+            folder.mkdir(parents=True)
+            cfg = {"model": "llama-9m", "method": method, "seed": seed, "updates": 100, "num_heads": heads}
+            log = [{"update": u, "loss": 5.0 - u / 50, "ppl": 300.0 - u - seed, "ppl_logits": 305.0 - u,
+                    "ppl_heads": [310.0 - u + h for h in range(heads)], "interval_time_s": 1.5} for u in (50, 100)]
+            (folder / "config.json").write_text(json.dumps(cfg))
+            (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+            (folder / "results.json").write_text(json.dumps({"script": "train_lm.py", "config": cfg, "metrics": {
+                **log[-1], "infer_flops_vs_single": heads, "active_params": heads}}))
+    written = {p.name for p in evaluate.write_report([runs], tmp_path / "report")}
+    assert written == {"lm_results.csv", "lm_summary.md", "lm_perplexity.png"}
+    rows = read_csv(tmp_path / "report" / "lm_results.csv")
+    assert sorted(float(r["ppl"]) for r in rows) == [199.0, 199.0, 200.0, 200.0]
+    assert "| NeuroTrails | 0,1 | 199.50 ± 0.71 |" in (tmp_path / "report" / "lm_summary.md").read_text()
+
+
+def test_report_command_line_errors_are_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, match in (([str(empty), "--out", str(tmp_path / "r")], "no run folders"),
+                        ([str(tmp_path / "missing"), "--out", str(tmp_path / "r")], "no such folder")):
+        done = cli("evaluate.py", "report", *args)
+        assert done.returncode == 1 and match in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
