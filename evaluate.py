@@ -356,9 +356,12 @@ def corrupt(images, name, severity, generator):
     elif name == "contrast":
         means = x.mean((2, 3), keepdim=True)
         x = (x - means) * c + means
-    elif name == "brightness":  # HSV value + c with hue and saturation kept: scale RGB by (v + c) / v
+    elif name == "brightness":  # HSV: V' = min(V + c, 1) with hue and saturation kept
+        # V = max over channels. V > 0: RGB x V'/V keeps H and S. V = 0 (black): S = 0, so the
+        # pixel becomes grey (V', V', V'); on a one-channel image this is x + c everywhere.
         v = x.max(1, keepdim=True).values
-        x = x * ((v + c).clamp(max=1) / v.clamp(min=1e-6))
+        lifted = (v + c).clamp(max=1)
+        x = torch.where(v > 0, x * lifted / v.clamp(min=1e-12), lifted.expand_as(x))
     elif name == "pixelate":
         h, w = x.shape[-2:]
         small = F.interpolate(x, size=(int(h * c), int(w * c)), mode="area")
@@ -885,6 +888,38 @@ def eval_only_args(argv, script):
     return ap.prog, args
 
 
+def print_comparison(rows, columns, folder=None):
+    """A table of runs {method: record}, columns [(header, record -> text)], printed aligned; with
+    `folder`, also written as folder/compare.md (the same columns) and folder/compare.csv (every
+    scalar metric of every record, lists joined by ';')."""
+    heads = ["method", *(h for h, _ in columns)]
+    cells = [[m, *(f(r) for _, f in columns)] for m, r in rows.items()]
+    widths = [max(map(len, col)) for col in zip(heads, *cells)]
+    print()
+    for line in [heads, *cells]:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    if folder is None:
+        return
+    import csv
+    folder = Path(folder)
+    md = ["| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads), *("| " + " | ".join(c) + " |" for c in cells)]
+    (folder / "compare.md").write_text("\n".join(md) + "\n")
+    flat = [{"method": m, **{k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in r.items()
+                             if not isinstance(v, dict)}} for m, r in rows.items()]
+    with open(folder / "compare.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(dict.fromkeys(k for row in flat for k in row)))
+        w.writeheader()
+        w.writerows(flat)
+    print(f"wrote {folder / 'compare.md'}\nwrote {folder / 'compare.csv'}")
+
+
+def rounded(value):
+    """A metric for a human: floats to 4 significant digits, lists element-wise."""
+    if isinstance(value, list):
+        return "[" + ", ".join(rounded(v) for v in value) + "]"
+    return f"{value:.4g}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
+
+
 def corruption_names(spec):
     return [] if not spec else list(CORRUPTIONS) if spec == "all" else spec.split(",")
 
@@ -908,12 +943,15 @@ def report_image_checkpoint(net, batches, args, aggregate, test_data=None, norma
         return
     corruptions = result.pop("corruptions", None)
     by_severity = result.pop("corruption_acc_by_severity", None)
-    print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    print(" | ".join(f"{k} {rounded(v)}" for k, v in result.items()))
     if corruptions:
         print(f"\n{'corruption':<18}" + "".join(f"{'sev ' + str(s):>9}" for s in range(1, 6)) + "   (accuracy %)")
         for n in names:
             print(f"{n:<18}" + "".join(f"{100 * corruptions[f'{n}/{s}']['acc']:>9.2f}" for s in range(1, 6)))
         print(f"{'mean':<18}" + "".join(f"{100 * a:>9.2f}" for a in by_severity))
+        for metric in ("nll", "ece"):  # calibration under shift, mean over the corruptions
+            print(f"{'mean ' + metric.upper():<18}" + "".join(
+                f"{sum(corruptions[f'{n}/{s}'][metric] for n in names) / len(names):>9.3f}" for s in range(1, 6)))
 
 
 def report_language_checkpoint(net, batches, args, autocast=None):

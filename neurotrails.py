@@ -671,6 +671,42 @@ def add_run_arguments(ap, out_help):
                          "over the M heads, so under SGD each head steps 1/M as far as a network alone; M undoes that")
 
 
+# Keys of a stored config that describe where and how a run ran, not what it is: not carried by --config.
+CONFIG_NOT_CARRIED = ("out", "device", "bf16", "channels_last", "world_size", "resumed", "sweep", "seeds", "config",
+                      "resume", "overwrite", "compare")
+
+
+def add_config_argument(ap):
+    ap.add_argument("--config", default=None, metavar="RUN.json",
+                    help="start from a stored run's settings (its config.json or results.json); flags given "
+                         "after it override them; where it ran (--out, --device, bf16) is not carried over")
+
+
+def with_config(ap, argv):
+    """argv with --config FILE's settings put in front as flags, so they pass the same checks as
+    typed flags and every flag on the command line overrides them."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=None)
+    path = pre.parse_known_args(argv)[0].config
+    if path is None:
+        return argv
+    try:
+        stored = json.loads(Path(path).read_text())
+        stored = stored.get("config", stored)  # results.json keeps the config under "config"
+        if not isinstance(stored, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        ap.error(f"--config {path}: not a run's config.json or results.json "
+                 f"({e.strerror if isinstance(e, OSError) else e})")
+    flags = set(vars(ap.parse_args([])))  # every dest of this command line
+    carried = []
+    for key, value in stored.items():
+        if key not in flags or key in CONFIG_NOT_CARRIED or value is None or value is False:
+            continue
+        carried += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return carried + argv
+
+
 def methods_to_run(args, supported):
     """--method, or the methods of --compare (checked against `supported`); --resume continues one run."""
     if args.compare and args.resume:

@@ -86,7 +86,8 @@ VALIDATION_EVERY = 20  # --dataset text: every 20th file (sorted by path) is hel
 def resolve_config(args):
     """The run's full configuration: flags, filled in from the paper's recipe for the model."""
     r, method = RECIPES.get(args.model, DEFAULT_RECIPE), neurotrails.METHODS[args.method]
-    cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "compare", "overwrite", "sweep", "seeds")}
+    cfg = {k: v for k, v in vars(args).items()
+           if k not in ("resume", "compare", "overwrite", "sweep", "seeds", "config")}
     if not models.is_language_model(args.model):
         raise ValueError(f"--model {args.model!r} is not a language model; choose one of "
                          f"{', '.join(models.LLAMA_CONFIGS)} (image models: train_vision.py)")
@@ -392,14 +393,12 @@ def eval_only(argv):
     evaluate.report_language_checkpoint(net, batches, args, bf16_autocast(cfg))
 
 
-def print_table(rows):
-    print(f"\n{'method':<12} {'ppl':>9} {'ppl logits':>10} {'ppl heads':>22} {'tok/s':>8} "
-          f"{'FLOPs vs single':>15} {'active params':>14}")
-    for method, r in rows.items():
-        heads = " ".join(f"{p:.1f}" for p in r["ppl_heads"])
-        speed = r.get("run_tokens_per_s", 0)  # 0: nothing trained in this invocation
-        print(f"{method:<12} {r['ppl']:>9.2f} {r['ppl_logits']:>10.2f} {heads:>22} {speed:>8,.0f} "
-              f"{r['infer_flops_vs_single']:>15.3f} {r['active_params']:>14,}")
+# The --compare table: header, then how a run's record is shown (tok/s 0: nothing trained in this call).
+TABLE = [("ppl", lambda r: f"{r['ppl']:.2f}"), ("ppl logits", lambda r: f"{r['ppl_logits']:.2f}"),
+         ("ppl heads", lambda r: " ".join(f"{p:.1f}" for p in r["ppl_heads"])),
+         ("tok/s", lambda r: f"{r.get('run_tokens_per_s', 0):,.0f}"),
+         ("FLOPs vs single", lambda r: f"{r['infer_flops_vs_single']:.3f}"),
+         ("active params", lambda r: f"{r['active_params']:,}")]
 
 
 def parse_args(argv=None):
@@ -456,7 +455,8 @@ def parse_args(argv=None):
                     help="seed of init, masks, DST sampling and data order, in [0, 2^32)")
     neurotrails.add_run_arguments(ap, "runs/lm-<model>-<method>-M<M>-S<S>-u<updates>-seed<seed>")
     neurotrails.add_sweep_arguments(ap)
-    return ap, ap.parse_args(argv)
+    neurotrails.add_config_argument(ap)
+    return ap, ap.parse_args(neurotrails.with_config(ap, sys.argv[1:] if argv is None else argv))
 
 
 def main(argv=None):
@@ -481,8 +481,8 @@ def main(argv=None):
             if args.compare:
                 print(f"\n== {m}", flush=True)
             rows[m] = run(cfg, args.resume, args.overwrite)
-        if rank == 0:
-            print_table(rows)
+        if rank == 0:  # --compare with --out: also OUT/compare.md and OUT/compare.csv
+            evaluate.print_comparison(rows, TABLE, args.out if args.compare else None)
     except (ValueError, OSError, FloatingPointError) as e:
         ap.fail(e)
 

@@ -94,7 +94,8 @@ def model_kwargs(dataset):
 def resolve_config(args):
     """The run's full configuration: flags, filled in from the paper's recipe for the dataset."""
     r, method = RECIPES[args.dataset], neurotrails.METHODS[args.method]
-    cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "compare", "overwrite", "sweep", "seeds")}
+    cfg = {k: v for k, v in vars(args).items()
+           if k not in ("resume", "compare", "overwrite", "sweep", "seeds", "config")}
     cfg["model"] = args.model or r["model"]
     for key in ("lr", "momentum", "weight_decay", "batch_size", "delta_t"):
         if cfg[key] is None:
@@ -379,12 +380,12 @@ def _flat_image_folder(dataset, folder):
     return ImageFolder(str(folder), T.Compose([*steps, T.ToTensor(), T.Normalize(r["mean"], r["std"])]))
 
 
-def print_table(rows):
-    print(f"\n{'method':<12} {'acc %':>6} {'NLL':>7} {'ECE':>6} {'PD any %':>9} {'PD pair %':>9} "
-          f"{'FLOPs vs single':>15} {'active params':>14}")
-    for method, r in rows.items():
-        print(f"{method:<12} {100 * r['acc']:>6.2f} {r['nll']:>7.4f} {r['ece']:>6.4f} {100 * r['pd_any']:>9.2f} "
-              f"{100 * r['pd_pairwise']:>9.2f} {r['infer_flops_vs_single']:>15.3f} {r['active_params']:>14,}")
+# The --compare table: header, then how a run's record is shown.
+TABLE = [("acc %", lambda r: f"{100 * r['acc']:.2f}"), ("NLL", lambda r: f"{r['nll']:.4f}"),
+         ("ECE", lambda r: f"{r['ece']:.4f}"), ("PD any %", lambda r: f"{100 * r['pd_any']:.2f}"),
+         ("PD pair %", lambda r: f"{100 * r['pd_pairwise']:.2f}"),
+         ("FLOPs vs single", lambda r: f"{r['infer_flops_vs_single']:.3f}"),
+         ("active params", lambda r: f"{r['active_params']:,}")]
 
 
 def parse_args(argv=None):
@@ -422,10 +423,11 @@ def parse_args(argv=None):
                     help="seed of init, masks, data order and augmentation, in [0, 2^32)")
     neurotrails.add_run_arguments(ap, "runs/<dataset>-<model>-<method>-M<M>-S<S>-e<epochs>-...-seed<seed>")
     neurotrails.add_sweep_arguments(ap)
+    neurotrails.add_config_argument(ap)
     ap.add_argument("--workers", type=int_in(0, 256), default=0, help="DataLoader workers for ImageFolder datasets")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                     help="channels-last memory format (default: on with CUDA)")
-    return ap, ap.parse_args(argv)
+    return ap, ap.parse_args(neurotrails.with_config(ap, sys.argv[1:] if argv is None else argv))
 
 
 def main(argv=None):
@@ -450,12 +452,12 @@ def main(argv=None):
                                                            else f"{args.out}/{m}"}))
                 print(f"\n== {m}", flush=True)
                 rows[m] = run(cfg, overwrite=args.overwrite)
-            if rank == 0:
-                print_table(rows)
+            if rank == 0:  # with --out, also OUT/compare.md and OUT/compare.csv
+                evaluate.print_comparison(rows, TABLE, args.out)
         else:
             record = run(resolve_config(args), args.resume, args.overwrite)
             if rank == 0:
-                print_table({args.method: record})
+                evaluate.print_comparison({args.method: record}, TABLE)
     except (ValueError, OSError, FloatingPointError) as e:
         ap.fail(e)
 

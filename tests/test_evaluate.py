@@ -140,3 +140,17 @@ def test_corruptions_keep_shape_grow_with_severity_and_are_seeded(name):
     if name != "pixelate":  # block sizes like 32/24 alias, as PIL's box resize does in CIFAR-C
         assert all(b >= a * 0.97 for a, b in zip(diffs, diffs[1:])), diffs  # stronger with severity
     assert diffs[-1] > diffs[0]
+
+
+def test_brightness_is_hsv_value_plus_c_also_on_black_pixels():
+    import colorsys  # the standard library's HSV, an independent reference
+    c = evaluate.CORRUPTIONS["brightness"][4]
+    pixels = [(0, 0, 0), (200, 100, 50), (10, 10, 10), (255, 0, 128), (30, 60, 90)]
+    x = torch.tensor(pixels, dtype=torch.uint8).T.reshape(1, 3, 1, len(pixels))
+    out = evaluate.corrupt(x, "brightness", 5, torch.Generator())
+    for i, p in enumerate(pixels):
+        h, s, v = colorsys.rgb_to_hsv(*(q / 255 for q in p))
+        want = [round(255 * q) for q in colorsys.hsv_to_rgb(h, s, min(v + c, 1.0))]
+        assert out[0, :, 0, i].tolist() == pytest.approx(want, abs=1), p
+    black = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)  # Fashion-MNIST's background: lifted, not left at 0
+    assert (evaluate.corrupt(black, "brightness", 5, torch.Generator()) == round(255 * c)).all()

@@ -244,3 +244,35 @@ def test_report_command_line_errors_are_one_line(tmp_path):
         done = cli("evaluate.py", "report", *args)
         assert done.returncode == 1 and match in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+@needs_fmnist
+def test_compare_writes_its_table_as_csv_and_markdown(tmp_path):
+    out = tmp_path / "cmp"
+    done = cli("train_vision.py", *VISION, "--data-dir", str(tmp_path / "data"), "--compare", "single,treenet",
+               "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = read_csv(out / "compare.csv")
+    assert [r["method"] for r in rows] == ["single", "treenet"]
+    for r in rows:
+        results = json.loads((out / r["method"] / "results.json").read_text())
+        assert float(r["acc"]) == pytest.approx(results["metrics"]["acc"], rel=1e-12)
+        assert f"| {r['method']} | {100 * float(r['acc']):.2f} |" in (out / "compare.md").read_text()
+    assert f"wrote {out / 'compare.csv'}" in done.stdout
+
+
+def test_config_reruns_a_stored_run_and_flags_override_it(tmp_path):
+    import train_lm
+    import train_vision
+    for module, argv in ((train_vision, ["--dataset", "fashion-mnist", "--model", "wrn10-2", "--method", "treenet",
+                                         "--epochs", "7", "--head-lr-scale", "3", "--train-subset", "500",
+                                         "--aggregate", "logits", "--extend-by-density", "--out", str(tmp_path / "a")]),
+                         (train_lm, ["--dataset", "text", "--data-dir", str(tmp_path), "--train-tokenizer", "300",
+                                     "--model", "llama-9m", "--updates", "9", "--pack", "--seq-len", "64",
+                                     "--out", str(tmp_path / "a")])):
+        stored = module.resolve_config(module.parse_args(argv)[1])
+        (tmp_path / "results.json").write_text(json.dumps({"config": stored, "metrics": {}}))
+        again = module.resolve_config(module.parse_args(["--config", str(tmp_path / "results.json"), "--out",
+                                                         str(tmp_path / "b"), "--seed", "4"])[1])
+        assert {k: (stored[k], again[k]) for k in stored if stored[k] != again[k]} == {
+            "out": (str(tmp_path / "a"), str(tmp_path / "b")), "seed": (0, 4)}
