@@ -388,6 +388,21 @@ def corruption_table(net, test_data, normalize, names, aggregate="probs", batch_
 # Plots (matplotlib, imported only when plotting)
 
 
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(plt, fig, legend_ax, path, title):
+    legend_ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def reliability_bins(probs, labels, bins=15):
     """Per confidence bin: (bin upper edge, count, accuracy, mean confidence)."""
     conf, pred, idx = confidence_bins(probs, bins)
@@ -401,44 +416,53 @@ def reliability_bins(probs, labels, bins=15):
 
 
 def plot_reliability(probs, labels, path, title=""):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Reliability diagram: accuracy per confidence bin with the gap to the bin's mean confidence
+    (ECE in the legend), and below it the number of test samples per bin."""
+    plt = _pyplot()
     rows = reliability_bins(probs, labels)
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.bar([r[0] - 1 / 30 for r in rows], [r[2] for r in rows], width=1 / 15, edgecolor="k", label="accuracy")
+    fig, (ax, below) = plt.subplots(2, 1, figsize=(4.4, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    centers, width = [r[0] - 1 / 30 for r in rows], 1 / 15
+    used = [r for r in rows if r[1]]
+    ax.bar(centers, [r[2] for r in rows], width=width, edgecolor="k", color="C0", label="accuracy")
+    ax.bar([r[0] - 1 / 30 for r in used], [r[3] - r[2] for r in used], bottom=[r[2] for r in used], width=width,
+           color="C3", alpha=0.35, edgecolor="C3", hatch="//", label=f"gap to confidence (ECE {ece(probs, labels):.3f})")
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-           title=f"{title} ECE {ece(probs, labels):.3f}".strip())
-    ax.legend(loc="upper left")
+    ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    ax.set_title(f"{title}\nreliability, {len(labels):,} samples".strip(), fontsize=9)
+    ax.legend(loc="upper left", fontsize=7)
+    below.bar(centers, [r[1] for r in rows], width=width, edgecolor="k", color="C7")
+    below.set(xlabel="confidence", ylabel="samples")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
-def plot_history(jsonl_path, path):
-    """Test accuracy and prediction disagreement over epochs from a training JSONL log."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    try:
-        rows = [json.loads(line) for line in open(jsonl_path) if line.strip()]
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"--history {jsonl_path}: not a JSONL log (one JSON object per line)") from None
-    if not rows or any(k not in rows[0] for k in ("epoch", "acc", "pd_any", "pd_pairwise")):
-        raise ValueError(f"--history {jsonl_path}: not a train_vision.py log (one JSON object per epoch "
-                         "with epoch, acc, pd_any, pd_pairwise)")
-    epochs = [r["epoch"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(epochs, [100 * r["acc"] for r in rows], label="ensemble accuracy (%)")
-    ax.plot(epochs, [100 * r["pd_any"] for r in rows], label="disagreement: any (%)")
-    ax.plot(epochs, [100 * r["pd_pairwise"] for r in rows], label="disagreement: pairwise (%)")
-    ax.set(xlabel="epoch", ylabel="%")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
+def plot_history(jsonl_paths, path):
+    """Training curves of one or more runs from their JSONL logs, overlaid. train_vision.py logs:
+    accuracy (ensemble, and each head dashed), disagreement, NLL, ECE over epochs (Fig. 4 / 5);
+    train_lm.py logs: training loss, validation perplexity (soft vote, and each head) over updates."""
+    runs = []
+    for p in jsonl_paths:
+        try:
+            log = [json.loads(line) for line in open(p) if line.strip()]
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"--history {p}: not a JSONL log (one JSON object per line)") from None
+        if not log or not ({"epoch", "acc", "pd_any"} <= set(log[0]) or {"update", "loss"} <= set(log[0])):
+            raise ValueError(f"--history {p}: not a train_vision.py log (epoch, acc, pd_any per line) nor a "
+                             "train_lm.py log (update, loss per line)")
+        runs.append({"config": {"run": Path(p).parent.name or str(p)}, "log": log})
+    lm = ["update" in r["log"][0] for r in runs]
+    if len(set(lm)) > 1:
+        raise ValueError("--history: give either vision logs or language-model logs, not both")
+    keys = ["run"] if len(runs) > 1 else []
+    title = Path(jsonl_paths[0]).parent.name if len(runs) == 1 else f"{len(runs)} runs"
+    if lm[0]:
+        plot_over_training(runs, keys, "update", [("loss", "training loss", 1), ("ppl", "validation perplexity", 1),
+                                                  ("ppl_heads", "perplexity of each head", 1)], path, title, "")
+    else:
+        plot_over_training(runs, keys, "epoch", [("acc", "test accuracy (%)", 100), ("head_acc", "accuracy of each "
+                                                 "head (%)", 100), ("pd_any", "disagreement, any (%)", 100),
+                                                 ("nll", "test NLL", 1), ("ece", "test ECE", 1)], path, title, "")
 
 # ----------------------------------------------------------------------------------------------
 # Report: a folder of runs -> results.csv, summary.md and the paper's analysis figures (Sec. 5)
@@ -572,21 +596,6 @@ def run_title(runs, keys):
     return ", ".join(str(p) for p in parts if p)
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(plt, fig, legend_ax, path, title):
-    legend_ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
 def plot_vs(rows, keys, x, panels, path, title):
     """Fig. 3 / 6 / 7 and the budget plot: each metric of `panels` against swept key `x`, a line
     per combination of the other swept values, mean +- std over seeds (error bars)."""
@@ -625,38 +634,40 @@ def plot_goldilocks(rows, keys, path, title):
     _save(plt, fig, ax, path, f"{title}\naccuracy vs disagreement (mean over seeds)")
 
 
-def plot_over_training(runs, keys, x, panels, path, title):
+def plot_over_training(runs, keys, x, panels, path, title, note=" (mean ± std over seeds)"):
     """Fig. 5 and the LM curves: metrics over epochs / updates from the logs, a line per point of
     the grid (mean over its seeds, band = +- std where seeds share the x values)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     by_point = {}
     for r in runs:
         by_point.setdefault(tuple(r["config"].get(k) for k in keys), []).append(r)
     for i, (values, members) in enumerate(by_point.items()):
         color = f"C{i % 10}"
-        for ax, (col, ylabel, scale) in zip(axes[0], panels):
-            logs = [[e for e in m["log"] if col in e] for m in members]
-            if not any(logs):
+        for ax, (col, ylabel, scale) in zip(axes.flat, panels):
+            logs = [log for log in ([e for e in m["log"] if col in e] for m in members) if log]
+            if not logs:
                 continue
-            if col == "ppl_heads":  # every head's curve, thin, in the point's colour
-                for log in logs[:1]:
-                    for h in range(len(log[0][col])):
-                        ax.plot([e[x] for e in log], [e[col][h] for e in log], color=color, lw=0.8, alpha=0.6,
-                                ls="--", label=f"{group_label(values, keys)} heads" if h == 0 else None)
-                continue
-            xs = sorted(set.intersection(*(set(e[x] for e in log) for log in logs)))
-            at = [{e[x]: scale * e[col] for e in log} for log in logs]
-            stats = [mean_std([a[v] for a in at]) for v in xs]
-            mean = [m for m, _ in stats]
-            ax.plot(xs, mean, color=color, marker="o" if len(xs) <= 30 else None, ms=3,
-                    label=group_label(values, keys))
-            ax.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats], color=color, alpha=0.2)
+            if isinstance(logs[0][0][col], list):  # per head (ppl_heads, head_acc): thin dashed, first seed
+                for h in range(len(logs[0][0][col])):
+                    ax.plot([e[x] for e in logs[0]], [scale * e[col][h] for e in logs[0]], color=color, lw=0.8,
+                            alpha=0.7, ls="--", label=f"{group_label(values, keys)}: heads" if h == 0 else None)
+            else:
+                xs = sorted(set.intersection(*(set(e[x] for e in log) for log in logs)))
+                at = [{e[x]: scale * e[col] for e in log} for log in logs]
+                stats = [mean_std([a[v] for a in at]) for v in xs]
+                ax.plot(xs, [m for m, _ in stats], color=color, marker="o" if len(xs) <= 30 else None, ms=3,
+                        label=group_label(values, keys))
+                ax.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats], color=color, alpha=0.2)
             ax.set(xlabel=x, ylabel=ylabel)
             ax.grid(alpha=0.3)
             if x == "epoch":
                 ax.xaxis.get_major_locator().set_params(integer=True)
-    _save(plt, fig, axes[0][0], path, f"{title} (mean ± std over seeds)")
+    _save(plt, fig, axes[0][0], path, title + note)
 
 
 def write_report(folders, out):
@@ -937,7 +948,9 @@ def report_image_checkpoint(net, batches, args, aggregate, test_data=None, norma
         result["corruption_acc_by_severity"] = [sum(table[n, s]["acc"] for n in names) / len(names)
                                                 for s in range(1, 6)]
     if args.plot:
-        plot_reliability(neurotrails.soft_vote(logits, aggregate), labels, args.plot)
+        plot_reliability(neurotrails.soft_vote(logits, aggregate), labels, args.plot,
+                         Path(args.checkpoint).resolve().parent.name)
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)  # stdout stays one JSON object
     if args.json:
         print(json.dumps(result))
         return
@@ -978,7 +991,10 @@ def main():
                             "by the script that wrote the checkpoint (`<script> --eval-only ...`, run for you). "
                             "Subcommands: `evaluate.py flops --help`, `evaluate.py lm-eval --help`, `evaluate.py report --help`.")
     add_checkpoint_arguments(ap)
-    ap.add_argument("--history", default=None, help="a training JSONL log: plot accuracy and disagreement")
+    ap.add_argument("--history", nargs="+", default=None, metavar="LOG",
+                    help="training JSONL logs (log.jsonl of train_vision.py or train_lm.py runs): plot their curves, "
+                         "overlaid (vision: accuracy, per-head accuracy, disagreement, NLL, ECE; LM: loss, "
+                         "perplexity, per-head perplexity)")
     ap.add_argument("--history-plot", default="history.png", help="output PNG for --history")
     args = ap.parse_args()
     if not args.checkpoint and not args.history:
@@ -989,8 +1005,9 @@ def main():
             script = neurotrails.load_checkpoint(args.checkpoint, flag="--checkpoint", mmap=True)["script"]
             check_checkpoint_arguments(args, script)
         if args.history:
-            if not Path(args.history).is_file():
-                raise ValueError(f"--history {args.history}: no such log file")
+            for log in args.history:
+                if not Path(log).is_file():
+                    raise ValueError(f"--history {log}: no such log file")
             neurotrails.check_writable_file(args.history_plot, "--history-plot")
             plot_history(args.history, args.history_plot)
             print(f"wrote {args.history_plot}")

@@ -184,7 +184,7 @@ CASES = [
     (E, ["--checkpoint", "{vckpt}", "--plot", "{out}/no/such/dir/rel.png"], "--plot"),
     (E, ["--checkpoint", "{vckpt}", "--plot", "{emptydir}"], "--plot {emptydir} is a folder"),
     (E, ["--history", "{out}/nope.jsonl"], "--history {out}/nope.jsonl: no such log file"),
-    (E, ["--history", "{lmlog}"], "not a train_vision.py log"),
+    (E, ["--history", "{vlog}", "{lmlog}"], "either vision logs or language-model logs, not both"),
     (E, ["--history", "{file}"], "--history"),
     (E, ["--history", "{vlog}", "--history-plot", "{out}/no/such/dir/h.png"], "--history-plot"),
     (E, ["--checkpoint", "{vckpt}", "--corruptions", "fog"], "--corruptions: unknown corruption in 'fog'"),
