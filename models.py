@@ -15,7 +15,8 @@ Also the tokenizer of a language model (load_tokenizer: a tokenizer.json, a loca
 cache or the hub; never a repository's own code) and the hub checks it needs (offline_mode,
 hub_reachable), so that every reader of a language checkpoint gets the same vocabulary.
 
-Imports: torch and torchvision at module scope; transformers only inside llama() and load_tokenizer().
+Imports: torch at module scope; torchvision only inside the ResNet builders, transformers only inside
+llama() and load_tokenizer() (so that a script starts, and answers --help, without them).
 
 Deviation: ResNet-50 head pooling. Released code: pools a 4x4 window of the 7x7 map. Ours:
   torchvision's global average pooling, so a single dense model is exactly torchvision's resnet50.
@@ -28,8 +29,6 @@ from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
-import torchvision
-from torchvision.models.resnet import BasicBlock
 
 
 class SplitNet(nn.Module):
@@ -106,6 +105,7 @@ def _init_resnet(net):
 
 def resnet50(num_classes=1000, in_channels=3):
     """ResNet-50 v1.5 in torchvision's layout (stride in the 3x3 conv), split into 16 bottlenecks."""
+    import torchvision  # here, not at module scope: importing it costs ~1 s for every script's start
     tv = torchvision.models.resnet50(weights=None, num_classes=num_classes)
     if in_channels != 3:
         tv.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
@@ -116,6 +116,7 @@ def resnet50(num_classes=1000, in_channels=3):
 
 def resnet18_cifar(num_classes=100, in_channels=3):
     """ResNet-18 for 32x32 inputs: 3x3 stem conv, no max-pool, 8 basic blocks (64..512)."""
+    from torchvision.models.resnet import BasicBlock
     stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
     blocks, c_in = [], 64
     for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
