@@ -670,16 +670,45 @@ def plot_over_training(runs, keys, x, panels, path, title, note=" (mean ± std o
     _save(plt, fig, axes[0][0], path, title + note)
 
 
-def write_report(folders, out):
-    """results.csv, summary.md and every figure the runs support; returns the paths written."""
+def plot_speed_vs_sparsity(benches, path):
+    """Fig. 8 / App. J: measured throughput ratio to the single dense model vs sparsity, per engine
+    and `export_bench.py --json` file, beside the FLOP limit (1 / FLOP ratio)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    limit = {}
+    for i, bench in enumerate(benches):
+        rows = [r for r in bench["results"] if r["variant"].startswith("nt:")]
+        settings, cpu = bench["settings"], bench["machine"]["cpu"]
+        for engine in sorted({r["engine"] for r in rows}):
+            mine = sorted((r for r in rows if r["engine"] == engine), key=lambda r: r["sparsity"])
+            ax.plot([r["sparsity"] for r in mine], [r["ratio"] for r in mine], marker="o",
+                    label=f"{engine}, batch {settings['batch_size']}, threads {settings['threads'] or 'all'}"
+                          + (f" ({cpu[:28]})" if len(benches) > 1 else ""))
+            limit.update({r["sparsity"]: 1 / r["flop_ratio"] for r in mine})
+    xs = sorted(limit)
+    ax.plot(xs, [limit[x] for x in xs], "k--", label="FLOP limit (1 / FLOP ratio)")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set(xlabel="sparsity S of NeuroTrails", ylabel="throughput / single dense (same engine)", yscale="log")
+    ax.grid(alpha=0.3, which="both")
+    first = benches[0]["settings"]
+    _save(plt, fig, ax, path, f"{first['model']}, M = {first['num_heads']}, measured vs FLOP speed-up\n"
+                              f"{benches[0]['machine']['cpu']}")
+
+
+def write_report(folders, out, benches=()):
+    """results.csv, summary.md and every figure the runs (and export_bench.py --json files)
+    support; returns the paths written."""
     order = list(METHOD_NAMES)  # single, TreeNet, ensemble, NeuroTrails, ...: the same order in every table
     runs = sorted(find_runs(folders), key=lambda r: (order.index(r["config"]["method"])
                                                      if r["config"].get("method") in order else len(order)))
-    if not runs:
+    if not runs and not benches:
         raise ValueError(f"no run folders (config.json + log.jsonl) under {' '.join(map(str, folders))}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    if benches:
+        written.append(out / "fig8_speed_vs_sparsity.png")
+        plot_speed_vs_sparsity(benches, written[-1])
     for script in ("train_vision.py", "train_lm.py"):
         lm = script == "train_lm.py"
         mine = [r for r in runs if ("updates" in r["config"]) == lm]
@@ -733,16 +762,29 @@ def report_main(argv):
                             "budget (accuracy vs --epochs), Fig. 3 (vs blocks in head, and the accuracy-disagreement "
                             "plot), Fig. 5 (over training), Fig. 6 (vs M), Fig. 7 (vs sparsity); language runs: "
                             "lm_results.csv, lm_summary.md, perplexity over updates and per head.")
-    ap.add_argument("folders", nargs="+", help="folders searched (recursively) for run folders")
+    ap.add_argument("folders", nargs="*", help="folders searched (recursively) for run folders")
     ap.add_argument("--out", required=True, help="folder for the report (created)")
+    ap.add_argument("--bench", nargs="+", default=[], metavar="JSON",
+                    help="export_bench.py bench/table7 --json files: Fig. 8, throughput ratio vs sparsity")
     args = ap.parse_args(argv)
     try:
+        if not args.folders and not args.bench:
+            raise ValueError("give run folders and/or --bench files")
         for folder in args.folders:
             if not Path(folder).is_dir():
                 raise ValueError(f"{folder}: no such folder")
+        benches = []
+        for path in args.bench:
+            try:
+                bench = json.loads(Path(path).read_text())
+            except (OSError, ValueError):
+                bench = None
+            if not isinstance(bench, dict) or not {"machine", "settings", "results"} <= set(bench):
+                raise ValueError(f"--bench {path}: not an export_bench.py --json file")
+            benches.append(bench)
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise ValueError(f"--out {args.out} is a file, not a folder")
-        written = write_report(args.folders, args.out)
+        written = write_report(args.folders, args.out, benches)
     except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError
         ap.fail(e)
     for path in written:

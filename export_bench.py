@@ -24,6 +24,7 @@ Variants: single (dense, M=1), ensemble (M dense members), treenet (M dense head
 (NeuroTrails at sparsity S). Weights of bench variants are freshly initialised with random masks
 at the allocated densities: speed does not depend on trained values, only on where the zeros are.
 """
+import json
 import os
 import statistics
 import sys
@@ -226,14 +227,28 @@ def bench(variants, engines, model, num_heads, blocks_in_head, allocation, batch
 
 
 def print_results(results, batch_size, threads, paper=None):
-    print(f"\nbatch {batch_size}, threads {threads or 'all'}; medians over rounds, ratio = throughput / single "
-          "dense on the same engine; FLOP ratio = inference FLOPs / single dense; efficiency = ratio x FLOP ratio")
+    machine = neurotrails.machine_info()
+    isa = [f for f in machine["isa"] if f.startswith(("avx2", "avx512f", "avx512_vnni", "amx"))]
+    print(f"\n{machine['cpu']} ({machine['cores']} cores; {' '.join(isa) or 'no AVX2'}); batch {batch_size}, "
+          f"threads {threads or 'all'}; medians over rounds, ratio = throughput / single dense on the same engine; "
+          "FLOP ratio = inference FLOPs / single dense; efficiency = ratio x FLOP ratio")
     head = f"{'engine':<12} {'variant':<9} {'items/s':>9} {'ms/batch':>16} {'ratio':>6} {'FLOP ratio':>10} {'effic.':>6}"
     print(head + (f" {'paper ratio':>11}" if paper else ""))
     for (engine, v), r in results.items():
         line = (f"{engine:<12} {v:<9} {r['items_per_s']:>9.1f} {r['latency_ms']:>9.1f} ± {r['latency_std_ms']:>4.1f} "
                 f"{r['ratio']:>6.2f} {r['flop_ratio']:>10.3f} {r['efficiency']:>6.2f}")
         print(line + (f" {paper[v]:>11.2f}" if paper and v in paper else ""))
+
+
+def results_json(results, args, paper=None):
+    """--json: one object with the machine, versions, settings and a row per (engine, variant); the
+    input of `evaluate.py report --bench` (the speed-vs-sparsity figure, paper Fig. 8)."""
+    settings = {k: getattr(args, k) for k in ("command", "model", "num_heads", "blocks_in_head", "allocation",
+                                                "batch_size", "threads", "rounds", "image_size", "num_classes")}
+    rows = [{"engine": engine, "variant": v, "sparsity": variant_sparsity(v), **r,
+             **({"paper_ratio": paper[v]} if paper and v in paper else {})} for (engine, v), r in results.items()]
+    return {"machine": neurotrails.machine_info(), "versions": neurotrails.package_versions(),
+            "git_commit": neurotrails.git_commit(), "settings": settings, "results": rows}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,7 +275,11 @@ def parse_args(argv=None):
             p.add_argument("--threads", type=int_in(0, 1024), default=0, help="CPU threads / cores (0: all)")
             p.add_argument("--rounds", type=int_in(1), default=10, help="timed rounds per variant, after 2 warm-up")
             p.add_argument("--engines", default="deepsparse,onnxruntime",
-                           help="comma-separated: deepsparse, onnxruntime")
+                           help="comma-separated: deepsparse, onnxruntime (default: both)")
+            p.add_argument("--json", default=None, metavar="FILE",
+                           help="also write the results as one JSON object (machine, CPU ISA, versions, settings, "
+                                "per engine and variant: items/s, ms mean ± std, ratio, FLOP ratio, efficiency); "
+                                "`evaluate.py report --bench FILE` plots it")
     sub.choices["bench"].add_argument("--variants", nargs="+", default=["single", "ensemble", "nt:0.8", "nt:0.95"],
                                       help="single, ensemble, treenet, nt:<sparsity> (single is always included)")
     return ap, ap.parse_args(argv)
@@ -292,13 +311,19 @@ def main(argv=None):
                     else args.variants)
         for v in variants:
             variant_sparsity(v)
+        if args.json:
+            neurotrails.check_writable_file(args.json, "--json")
         with torch.device("meta"):  # the split itself (|F_h| within the model's blocks), without weights
             variant_net("treenet", args.model, args.num_heads, args.blocks_in_head, args.allocation,
                         args.num_classes, 3)
         results = bench(variants, engines, args.model, args.num_heads, args.blocks_in_head, args.allocation,
                         args.batch_size, args.threads, args.rounds, num_classes=args.num_classes,
                         shape=(3, args.image_size, args.image_size))
-        print_results(results, args.batch_size, args.threads, PAPER_TABLE7 if args.command == "table7" else None)
+        paper = PAPER_TABLE7 if args.command == "table7" else None
+        print_results(results, args.batch_size, args.threads, paper)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results_json(results, args, paper), indent=1))
+            print(f"wrote {args.json}")
     except (ValueError, OSError, RuntimeError) as e:
         ap.fail(e)
 

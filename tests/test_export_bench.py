@@ -111,3 +111,26 @@ def test_without_deepsparse_bench_says_so_in_one_line_and_runs_onnxruntime(monke
     assert set(results) == {("onnxruntime", "single"), ("onnxruntime", "nt:0.9")}
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("DeepSparse unavailable") and "ONNX Runtime only" in err[0]
+
+
+def test_bench_json_has_machine_versions_and_a_row_per_engine_and_variant_and_feeds_fig8(tmp_path, capsys):
+    import json
+    import evaluate
+    out = tmp_path / "bench.json"
+    export_bench.main(["bench", "--model", "wrn10-1", "--num-classes", "10", "--image-size", "16", "--num-heads", "3",
+                       "--blocks-in-head", "2", "--batch-size", "2", "--rounds", "2", "--threads", "1",
+                       "--engines", "onnxruntime", "--variants", "nt:0.9", "nt:0.5", "--json", str(out)])
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["machine"]["cpu"] and isinstance(data["machine"]["isa"], list) and data["versions"]["onnxruntime"]
+    assert data["settings"]["batch_size"] == 2 and data["settings"]["model"] == "wrn10-1"
+    rows = {r["variant"]: r for r in data["results"]}
+    assert set(rows) == {"single", "nt:0.9", "nt:0.5"} and rows["nt:0.9"]["sparsity"] == 0.9
+    for r in rows.values():
+        assert set(r) >= {"engine", "items_per_s", "latency_ms", "latency_std_ms", "ratio", "flop_ratio", "efficiency"}
+        assert r["efficiency"] == pytest.approx(r["ratio"] * r["flop_ratio"])
+    assert rows["single"]["ratio"] == 1.0 and rows["nt:0.9"]["flop_ratio"] < rows["nt:0.5"]["flop_ratio"]
+    assert data["machine"]["cpu"] in text and f"wrote {out}" in text  # the CPU (and ISA) in the table's header
+    written = evaluate.write_report([], tmp_path / "report", [data])
+    assert [p.name for p in written] == ["fig8_speed_vs_sparsity.png"]
+    assert written[0].read_bytes()[:4] == b"\x89PNG"
