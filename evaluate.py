@@ -437,6 +437,57 @@ def plot_reliability(probs, labels, path, title=""):
     plt.close(fig)
 
 
+def pick_grid_images(labels, models_logits, count=12):
+    """Indices for the heads grid: first where the models' votes differ, then where one model's heads
+    disagree, then the rest; in test-set order within each group."""
+    votes = [neurotrails.soft_vote(z).argmax(-1) for _, z in models_logits]
+    heads = [z.argmax(-1) for _, z in models_logits]  # (M, N) per model
+    differ = torch.stack(votes).ne(votes[0]).any(0)
+    split = torch.stack([(h != h[:1]).any(0) for h in heads]).any(0)
+    order = torch.cat([torch.nonzero(differ).flatten(), torch.nonzero(split & ~differ).flatten(),
+                       torch.nonzero(~split & ~differ).flatten()])
+    return order[:count].tolist()
+
+
+def plot_head_grid(images, labels, models_logits, classes, path, count=12):
+    """Fig. 9 / App. K: test images, each with the true class, every head's prediction and the
+    soft vote of each model (green: right, red: wrong). models_logits: [(name, (M, N, C) logits)]."""
+    plt = _pyplot()
+    idx = pick_grid_images(labels, models_logits, count)
+    cols = min(6, len(idx))
+    rows = math.ceil(len(idx) / cols)
+    tags = "AB" if len(models_logits) == 2 else [str(k + 1) for k in range(len(models_logits))]
+    lines = 1 + sum(z.shape[0] + 1 for _, z in models_logits)
+    text_h = 0.16 * lines  # inches of text under each image
+    fig = plt.figure(figsize=(2.2 * cols, rows * (2.0 + text_h) + 0.6))
+    grid = fig.add_gridspec(2 * rows, cols, height_ratios=[2.0, text_h] * rows, hspace=0.05, wspace=0.08,
+                            top=1 - 0.6 / (rows * (2.0 + text_h) + 0.6), bottom=0.01, left=0.01, right=0.99)
+    name = lambda c: classes[c] if classes else str(c)
+    for k, i in enumerate(idx):
+        r, c = divmod(k, cols)
+        ax, below = fig.add_subplot(grid[2 * r, c]), fig.add_subplot(grid[2 * r + 1, c])
+        img = images[i].permute(1, 2, 0).numpy()
+        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        below.axis("off")
+        text = [(f"true: {name(labels[i])}", "black")]
+        for tag, (_, z) in zip(tags, models_logits):
+            preds = z[:, i].argmax(-1).tolist()
+            text += [(f"{tag} head {h + 1}: {name(p)}", "green" if p == labels[i] else "red")
+                     for h, p in enumerate(preds)]
+            vote = int(neurotrails.soft_vote(z[:, i:i + 1]).argmax(-1))
+            text.append((f"{tag} vote: {name(vote)}", "green" if vote == labels[i] else "red"))
+        for n, (line, color) in enumerate(text):
+            below.text(0.0, 1 - (n + 0.5) / lines, line, transform=below.transAxes, va="center", fontsize=7,
+                       color=color, fontweight="bold" if "vote" in line or n == 0 else "normal")
+    which = "; ".join(f"{tag} = {model}" for tag, (model, _) in zip(tags, models_logits))
+    fig.suptitle(f"{which}\neach head's prediction and the soft vote (green right, red wrong)"
+                 + ("; images where the votes differ first" if len(models_logits) > 1 else ""), fontsize=9)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def plot_history(jsonl_paths, path):
     """Training curves of one or more runs from their JSONL logs, overlaid. train_vision.py logs:
     accuracy (ensemble, and each head dashed), disagreement, NLL, ECE over epochs (Fig. 4 / 5);
@@ -888,7 +939,8 @@ def load_language_model(path, device=None):
     return neurotrails.model_from_checkpoint(state, device).eval(), tokenizer, config
 
 
-CHECKPOINT_FLAGS = ("checkpoint", "data_dir", "batch_size", "aggregate", "plot", "json", "corruptions", "image_folder")
+CHECKPOINT_FLAGS = ("checkpoint", "data_dir", "batch_size", "aggregate", "plot", "json", "corruptions", "image_folder",
+                    "heads_grid", "grid_with")
 
 
 def add_checkpoint_arguments(ap):
@@ -907,6 +959,11 @@ def add_checkpoint_arguments(ap):
                          "subset of " + ", ".join(CORRUPTIONS) + " (CIFAR-100 / Fashion-MNIST checkpoints)")
     ap.add_argument("--image-folder", default=None,
                     help="evaluate on this ImageFolder (one folder per class, e.g. ImageNet-Sketch) instead")
+    ap.add_argument("--heads-grid", default=None, metavar="PNG",
+                    help="Fig. 9 / App. K: write a grid of test images with each head's prediction and the vote")
+    ap.add_argument("--grid-with", default=None, metavar="CHECKPOINT",
+                    help="a second checkpoint of the same dataset for --heads-grid (e.g. another |F_h|): both "
+                         "models' heads under each image, images where their votes differ first")
 
 
 def check_checkpoint_arguments(args, script):
@@ -919,8 +976,16 @@ def check_checkpoint_arguments(args, script):
         neurotrails.check_writable_file(args.plot, "--plot")
     if args.image_folder and not Path(args.image_folder).is_dir():
         raise ValueError(f"--image-folder {args.image_folder}: no such folder")
+    if args.heads_grid:
+        neurotrails.check_writable_file(args.heads_grid, "--heads-grid")
+    if args.grid_with and not args.heads_grid:
+        raise ValueError("--grid-with adds a second model to --heads-grid; give --heads-grid PNG too")
+    if args.grid_with:
+        other = neurotrails.load_checkpoint(args.grid_with, flag="--grid-with", mmap=True)
+        if other["script"] != script:
+            raise ValueError(f"--grid-with {args.grid_with} was written by {other['script']}, not {script}")
     if script == "train_lm.py":
-        used = [f for f in ("plot", "corruptions", "image_folder", "aggregate") if getattr(args, f)]
+        used = [f for f in ("plot", "corruptions", "image_folder", "aggregate", "heads_grid") if getattr(args, f)]
         if used:
             raise ValueError(f"--{used[0].replace('_', '-')} is for image checkpoints; {args.checkpoint} is a "
                              "train_lm.py checkpoint (its evaluation is the validation perplexity)")

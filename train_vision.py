@@ -357,10 +357,24 @@ def eval_only(argv):
             _, data = load_data(cfg["dataset"], args.data_dir or cfg["data_dir"], None, cfg["test_subset"],
                                 download=bool(args.data_dir))
             batches = test_batches(data, args.batch_size, cfg["dataset"], device)
-        if args.corruptions and not isinstance(data, dict):
-            raise ValueError("--corruptions needs an in-memory test set (CIFAR-100 or Fashion-MNIST checkpoints)")
+        if (args.corruptions or args.heads_grid) and not isinstance(data, dict):
+            raise ValueError(f"--{'corruptions' if args.corruptions else 'heads-grid'} needs an in-memory test set "
+                             "(CIFAR-100 or Fashion-MNIST checkpoints)")
+        models_to_grid = [(Path(args.checkpoint).resolve().parent.name, net)]
+        if args.grid_with:
+            other = load_checkpoint(args.grid_with, flag="--grid-with")
+            if other["config"]["dataset"] != cfg["dataset"]:
+                raise ValueError(f"--grid-with {args.grid_with} is a {other['config']['dataset']} model, "
+                                 f"not {cfg['dataset']}")
+            models_to_grid.append((Path(args.grid_with).resolve().parent.name,
+                                   neurotrails.model_from_checkpoint(other, device)))
     except (ValueError, OSError, RuntimeError) as e:
         neurotrails.fail(prog, e)
+    if args.heads_grid:  # Fig. 9 / App. K
+        logits = [(name, evaluate.predict(m, test_batches(data, args.batch_size, cfg["dataset"], device))[0])
+                  for name, m in models_to_grid]
+        evaluate.plot_head_grid(data["x"], data["y"].tolist(), logits, data.get("classes"), args.heads_grid)
+        print(f"wrote {args.heads_grid}", file=sys.stderr if args.json else sys.stdout)
     evaluate.report_image_checkpoint(net, batches, args, args.aggregate or cfg["aggregate"], data,
                                      lambda x: normalize(x.to(device), cfg["dataset"]))
 
@@ -495,7 +509,7 @@ def load_data(dataset, data_dir, train_subset=None, test_subset=None, download=T
         if subset:  # a fixed random subset, the same for every run
             idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:subset]
             x, y = x[idx], y[idx]
-        out.append({"x": x.contiguous(), "y": y})
+        out.append({"x": x.contiguous(), "y": y, "classes": list(ds.classes)})
     return out
 
 

@@ -154,3 +154,13 @@ def test_brightness_is_hsv_value_plus_c_also_on_black_pixels():
         assert out[0, :, 0, i].tolist() == pytest.approx(want, abs=1), p
     black = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)  # Fashion-MNIST's background: lifted, not left at 0
     assert (evaluate.corrupt(black, "brightness", 5, torch.Generator()) == round(255 * c)).all()
+
+
+def test_heads_grid_picks_images_where_the_votes_differ_then_where_heads_disagree():
+    def logits(preds):  # (M, N) predicted classes -> one-hot-ish logits (M, N, 3)
+        return 10 * torch.nn.functional.one_hot(torch.tensor(preds), 3).float()
+    a = logits([[0, 1, 2, 0, 1], [0, 1, 2, 2, 1]])  # heads disagree on image 3
+    b = logits([[0, 2, 2, 0, 1]])                    # votes differ from a's on image 1
+    picked = evaluate.pick_grid_images([0, 1, 2, 0, 1], [("a", a), ("b", b)], count=5)
+    assert picked[0] == 1 and picked[1] == 3 and sorted(picked) == [0, 1, 2, 3, 4]
+    assert evaluate.pick_grid_images([0] * 5, [("a", a)], count=2) == [3, 0]

@@ -203,13 +203,14 @@ def test_evaluate_checkpoint_reproduces_the_logged_metrics_and_plots(data_dir, t
     last = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
     out = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(tmp_path / "last.pt"),
                           "--json", "--plot", str(tmp_path / "rel.png"), "--history", str(tmp_path / "log.jsonl"),
-                          "--history-plot", str(tmp_path / "hist.png")],
+                          "--history-plot", str(tmp_path / "hist.png"), "--heads-grid", str(tmp_path / "grid.png"),
+                          "--grid-with", str(tmp_path / "last.pt")],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.splitlines()[-1])
     for key in ("acc", "nll", "ece", "pd_any", "pd_pairwise", "head_acc"):
         assert got[key] == pytest.approx(last[key], abs=1e-6), key
-    for png in ("rel.png", "hist.png"):
+    for png in ("rel.png", "hist.png", "grid.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(tmp_path / "nope.pt")],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
