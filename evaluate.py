@@ -19,7 +19,9 @@ probabilities (N, C) and labels (N), and touch no model. This module imports onl
 reporting (report_image_checkpoint, report_language_checkpoint) lives here. `evaluate.py lm-eval`
 and `evaluate.py flops` need no data loader and run here.
 
-Corruptions: 9 of the 19 CIFAR-100-C corruptions, generated on the fly at the severities of the
+Corruptions: --corruptions-dir evaluates on the published CIFAR-100-C files (all 19 corruptions x 5
+  severities: the numbers papers quote), corruption_table_from_files(). Offline, --corruptions
+  generates 9 of the 19 CIFAR-100-C corruptions on the fly at the severities of the
   benchmark's generation code: the noise family (gaussian, shot, impulse, speckle), gaussian blur,
   contrast, brightness, pixelate and JPEG. Left out: those that need external image assets (frost),
   ImageMagick (motion blur) or long CPU loops (glass blur, elastic, zoom, fog, snow, spatter,
@@ -380,6 +382,54 @@ def corruption_table(net, test_data, normalize, names, aggregate="probs", batch_
                        for i in range(0, len(x), batch_size))
             logits, labels = predict(net, batches)
             m = summarize(logits, labels, aggregate)
+            out[name, severity] = {k: m[k] for k in ("acc", "nll", "ece")}
+    return out
+
+
+# The 19 corruptions of the published CIFAR-10/100-C files (Hendrycks & Dietterich 2019): the 15
+# of the benchmark's mean, then the 4 extra ones. Each NAME.npy holds the test set 5 times
+# (severity 1 to 5, in that order) as uint8 (5 N, H, W, C); labels.npy holds the labels (5 N).
+CIFAR_C = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+           "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+           "jpeg_compression", "speckle_noise", "gaussian_blur", "spatter", "saturate")
+
+
+def corruption_files(folder):
+    """The corruption names of a CIFAR-100-C style folder (NAME.npy beside labels.npy), checked."""
+    import numpy as np
+    folder = Path(folder)
+    if not (folder / "labels.npy").is_file():
+        raise ValueError(f"--corruptions-dir {folder}: no labels.npy (expected the CIFAR-100-C layout: "
+                         "NAME.npy per corruption and labels.npy)")
+    names = [n for n in CIFAR_C if (folder / f"{n}.npy").is_file()]
+    names += sorted(p.stem for p in folder.glob("*.npy") if p.stem not in CIFAR_C and p.stem != "labels")
+    if not names:
+        raise ValueError(f"--corruptions-dir {folder}: no corruption .npy files beside labels.npy")
+    n = len(np.load(folder / "labels.npy", mmap_mode="r"))
+    for name in names:
+        shape = np.load(folder / f"{name}.npy", mmap_mode="r").shape
+        if shape[0] != n or n % 5 or len(shape) not in (3, 4):
+            raise ValueError(f"--corruptions-dir {folder}: {name}.npy has shape {shape}, expected ({n}, H, W[, C]) "
+                             f"with {n} = 5 severities x the test set")
+    return names
+
+
+def corruption_table_from_files(net, folder, normalize, aggregate="probs", batch_size=256):
+    """Accuracy, NLL and ECE of the soft vote on the published corrupted test sets, per corruption
+    and severity: the numbers papers quote as CIFAR-100-C."""
+    import numpy as np
+    folder, out = Path(folder), {}
+    labels = torch.from_numpy(np.load(folder / "labels.npy").astype(np.int64))
+    per = len(labels) // 5
+    for name in corruption_files(folder):
+        data = np.load(folder / f"{name}.npy", mmap_mode="r")
+        for severity in range(1, 6):
+            lo = (severity - 1) * per
+            x = torch.from_numpy(np.array(data[lo:lo + per]))  # a copy: the memory map is read-only
+            x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
+            y = labels[lo:lo + per]
+            batches = ((normalize(x[i:i + batch_size]), y[i:i + batch_size]) for i in range(0, per, batch_size))
+            m = summarize(*predict(net, batches), aggregate)
             out[name, severity] = {k: m[k] for k in ("acc", "nll", "ece")}
     return out
 
@@ -940,7 +990,7 @@ def load_language_model(path, device=None):
 
 
 CHECKPOINT_FLAGS = ("checkpoint", "data_dir", "batch_size", "aggregate", "plot", "json", "corruptions", "image_folder",
-                    "heads_grid", "grid_with")
+                    "heads_grid", "grid_with", "corruptions_dir")
 
 
 def add_checkpoint_arguments(ap):
@@ -959,6 +1009,9 @@ def add_checkpoint_arguments(ap):
                          "subset of " + ", ".join(CORRUPTIONS) + " (CIFAR-100 / Fashion-MNIST checkpoints)")
     ap.add_argument("--image-folder", default=None,
                     help="evaluate on this ImageFolder (one folder per class, e.g. ImageNet-Sketch) instead")
+    ap.add_argument("--corruptions-dir", default=None, metavar="DIR",
+                    help="evaluate on the published CIFAR-100-C files in DIR (NAME.npy per corruption, 5 severities "
+                         "stacked, and labels.npy): every corruption found, severities 1-5")
     ap.add_argument("--heads-grid", default=None, metavar="PNG",
                     help="Fig. 9 / App. K: write a grid of test images with each head's prediction and the vote")
     ap.add_argument("--grid-with", default=None, metavar="CHECKPOINT",
@@ -976,6 +1029,10 @@ def check_checkpoint_arguments(args, script):
         neurotrails.check_writable_file(args.plot, "--plot")
     if args.image_folder and not Path(args.image_folder).is_dir():
         raise ValueError(f"--image-folder {args.image_folder}: no such folder")
+    if args.corruptions_dir:
+        if args.corruptions:
+            raise ValueError("--corruptions (generated) and --corruptions-dir (the published files): give one")
+        corruption_files(args.corruptions_dir)
     if args.heads_grid:
         neurotrails.check_writable_file(args.heads_grid, "--heads-grid")
     if args.grid_with and not args.heads_grid:
@@ -985,7 +1042,8 @@ def check_checkpoint_arguments(args, script):
         if other["script"] != script:
             raise ValueError(f"--grid-with {args.grid_with} was written by {other['script']}, not {script}")
     if script == "train_lm.py":
-        used = [f for f in ("plot", "corruptions", "image_folder", "aggregate", "heads_grid") if getattr(args, f)]
+        used = [f for f in ("plot", "corruptions", "image_folder", "aggregate", "heads_grid", "corruptions_dir")
+                if getattr(args, f)]
         if used:
             raise ValueError(f"--{used[0].replace('_', '-')} is for image checkpoints; {args.checkpoint} is a "
                              "train_lm.py checkpoint (its evaluation is the validation perplexity)")
@@ -1049,8 +1107,12 @@ def report_image_checkpoint(net, batches, args, aggregate, test_data=None, norma
     logits, labels = predict(net, batches)
     result = {**summarize(logits, labels, aggregate), **parameter_counts(net)}
     names = corruption_names(args.corruptions)
-    if names:
+    if args.corruptions_dir:  # the published files: every corruption they hold
+        table = corruption_table_from_files(net, args.corruptions_dir, normalize, aggregate, args.batch_size)
+        names = list(dict.fromkeys(n for n, _ in table))
+    elif names:
         table = corruption_table(net, test_data, normalize, names, aggregate, args.batch_size)
+    if names:
         result["corruptions"] = {f"{n}/{s}": v for (n, s), v in table.items()}
         result["corruption_acc_by_severity"] = [sum(table[n, s]["acc"] for n in names) / len(names)
                                                 for s in range(1, 6)]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import evaluate
 import neurotrails
 import train_vision
 
@@ -258,3 +259,27 @@ def test_evaluate_corruptions_and_an_image_folder(data_dir, tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(tmp_path / "last.pt"),
                           "--corruptions", "fog"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert bad.returncode == 1 and "unknown corruption" in bad.stderr
+
+
+def test_corruptions_dir_reads_the_published_layout_and_matches_the_generated_table(data_dir, tmp_path):
+    import numpy as np
+    _, test = train_vision.load_data("fashion-mnist", data_dir, test_subset=40)
+    folder, names = tmp_path / "FashionMNIST-C", ["contrast", "gaussian_noise"]
+    folder.mkdir()
+    for name in names:  # the CIFAR-100-C layout: (5 N, H, W[, C]) uint8, severity 1 to 5 stacked
+        stacked = torch.cat([evaluate.corrupt(test["x"], name, s, torch.Generator().manual_seed(0)) for s in range(1, 6)])
+        np.save(folder / f"{name}.npy", stacked[:, 0].numpy())
+    np.save(folder / "labels.npy", test["y"].repeat(5).numpy())
+    torch.manual_seed(0)
+    net = neurotrails.build("wrn10-1", 2, 2, num_classes=10, in_channels=1).eval()
+    norm = lambda x: train_vision.normalize(x, "fashion-mnist")
+    assert evaluate.corruption_files(folder) == names[::-1]  # in the benchmark's order
+    files = evaluate.corruption_table_from_files(net, folder, norm, batch_size=16)
+    generated = evaluate.corruption_table(net, test, norm, names[::-1], batch_size=16, seed=0)
+    assert files.keys() == generated.keys()
+    for key in files:
+        for metric in ("acc", "nll", "ece"):
+            assert files[key][metric] == pytest.approx(generated[key][metric], abs=1e-6), (key, metric)
+    np.save(folder / "fog.npy", np.zeros((7, 28, 28), np.uint8))  # not 5 x the test set
+    with pytest.raises(ValueError, match="fog.npy has shape"):
+        evaluate.corruption_files(folder)
