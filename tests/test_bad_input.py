@@ -182,6 +182,8 @@ CASES = [
     (E, ["--checkpoint", "{lacking}"], "--checkpoint {lacking}: incomplete train_vision.py checkpoint"),
     (E, ["--checkpoint", "{vckpt}", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
     (E, ["--checkpoint", "{vckpt}", "--grid-with", "{vckpt}"], "--grid-with adds a second model to --heads-grid"),
+    (E, ["--checkpoint", "{vckpt}", "--corruptions-dir", "{emptydir}"], "no labels.npy (expected the CIFAR-100-C"),
+    (E, ["--checkpoint", "{vckpt}", "--corruptions-dir", "{emptydir}", "--corruptions"], "give one"),
     (E, ["--checkpoint", "{vckpt}", "--heads-grid", "{emptydir}/g.png", "--grid-with", "{lmckpt}"],
      "--grid-with {lmckpt} was written by train_lm.py, not train_vision.py"),
     (E, ["--checkpoint", "{vckpt}", "--heads-grid", "{out}/no/dir/g.png"], "--heads-grid"),
