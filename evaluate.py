@@ -34,6 +34,7 @@ Deviation: prediction disagreement. Released code: averages an M x M matrix incl
 import contextlib
 import json
 import math
+import re
 import subprocess
 import sys
 import warnings
@@ -979,6 +980,52 @@ def lm_eval_main(argv):
         print(f"{task:<24} " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
+def head_state_dicts(net):
+    """Per head i, the state dict of a plain transformers LlamaForCausalLM that computes exactly
+    head i's path (backbone + head i): embed_tokens, layers 0..L-1, the head's final norm and
+    lm_head. Masked weights are already exact zeros, so the file holds the sparse model."""
+    shared, out = {}, []
+    for key, value in net.backbone.state_dict().items():  # stem.weight, block<j>.layer.<...>
+        shared["model.embed_tokens.weight" if key == "stem.weight" else
+               re.sub(r"^block(\d+)\.layer\.", r"model.layers.\1.", key)] = value
+    for head in net.heads:
+        sd = dict(shared)
+        for key, value in head.state_dict().items():
+            key = re.sub(r"^block(\d+)\.layer\.", r"model.layers.\1.", key)
+            sd[{"stem.weight": "model.embed_tokens.weight", "tail.0.weight": "model.norm.weight",
+                "tail.1.weight": "lm_head.weight"}.get(key, key)] = value
+        out.append(sd)
+    return out
+
+
+def export_hf_main(argv):
+    ap = neurotrails.Parser(prog="evaluate.py export-hf", description="Write each head of a train_lm.py checkpoint "
+                            "(backbone + head i, its sparse weights as exact zeros) as a standard transformers LLaMA "
+                            "folder (save_pretrained, safetensors, with the tokenizer): OUT/head1, OUT/head2, ... load "
+                            "with AutoModelForCausalLM.from_pretrained or `lm_eval --model hf --model_args "
+                            "pretrained=OUT/head1`, without this project. The ensemble (the soft vote of the heads) "
+                            "is not a transformers model: evaluate it with `evaluate.py lm-eval --checkpoint`.")
+    ap.add_argument("--checkpoint", required=True, help="a last.pt written by train_lm.py")
+    ap.add_argument("--out", required=True, help="folder for head1/, head2/, ... (created; must not hold them)")
+    args = ap.parse_args(argv)
+    try:
+        out = Path(args.out)
+        if out.exists() and (not out.is_dir() or any(out.glob("head*"))):
+            raise ValueError(f"--out {out}: {'a file' if not out.is_dir() else 'already holds head folders'}")
+        net, tokenizer, config = load_language_model(args.checkpoint, "cpu")
+        from transformers import LlamaForCausalLM
+        hf_config = models.llama_config(config["model"], len(tokenizer), max(1024, config["seq_len"]))
+        for i, sd in enumerate(head_state_dicts(net), 1):
+            hf = LlamaForCausalLM(hf_config)
+            hf.load_state_dict(sd, strict=True)  # every weight of the head's path, nothing left over
+            folder = out / f"head{i}"
+            hf.save_pretrained(folder, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+            print(f"wrote {folder}")
+    except (ValueError, OSError, RuntimeError) as e:
+        ap.fail(e)
+
+
 def load_language_model(path, device=None):
     """(network in eval mode, tokenizer, config) of a train_lm.py checkpoint, through the library
     alone: the checkpoint describes its network and carries its tokenizer (or names it)."""
@@ -1154,11 +1201,13 @@ def main():
         return lm_eval_main(sys.argv[2:])
     if sys.argv[1:2] == ["report"]:
         return report_main(sys.argv[2:])
+    if sys.argv[1:2] == ["export-hf"]:
+        return export_hf_main(sys.argv[2:])
     ap = neurotrails.Parser(prog="evaluate.py", description="Evaluate a saved train_vision.py checkpoint "
                             "on its test set (accuracy, NLL, ECE, disagreement, per-head accuracy) or a train_lm.py "
                             "checkpoint on its validation tokens (perplexities), or plot a log. The data are read "
                             "by the script that wrote the checkpoint (`<script> --eval-only ...`, run for you). "
-                            "Subcommands: `evaluate.py flops --help`, `evaluate.py lm-eval --help`, `evaluate.py report --help`.")
+                            "Subcommands: `evaluate.py flops --help`, `evaluate.py lm-eval --help`, `evaluate.py report --help`, `evaluate.py export-hf --help`.")
     add_checkpoint_arguments(ap)
     ap.add_argument("--history", nargs="+", default=None, metavar="LOG",
                     help="training JSONL logs (log.jsonl of train_vision.py or train_lm.py runs): plot their curves, "

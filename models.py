@@ -161,17 +161,20 @@ class LlamaBlock(nn.Module):
         return self.layer(h, position_embeddings=self.rotary(h, positions))
 
 
+def llama_config(name="llama-130m", vocab_size=32000, max_seq_len=1024):
+    """The transformers LlamaConfig of a named size (also what an exported head is saved with)."""
+    from transformers import LlamaConfig
+    layers, hidden, ffn, heads = LLAMA_CONFIGS[name]
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                       num_attention_heads=heads, max_position_embeddings=max_seq_len, rms_norm_eps=1e-6,
+                       tie_word_embeddings=False, attn_implementation="sdpa")
+
+
 def llama(name="llama-130m", vocab_size=32000, max_seq_len=1024):
     """LLaMA as SplitNet: stem = token embedding, blocks = decoder layers,
     tail = final RMSNorm + untied lm_head. Weights initialised by LlamaForCausalLM."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    layers, hidden, ffn, heads = LLAMA_CONFIGS[name]
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn,
-                         num_hidden_layers=layers, num_attention_heads=heads,
-                         max_position_embeddings=max_seq_len, rms_norm_eps=1e-6,
-                         tie_word_embeddings=False, attn_implementation="sdpa")
-    hf = LlamaForCausalLM(config)
+    from transformers import LlamaForCausalLM
+    hf = LlamaForCausalLM(llama_config(name, vocab_size, max_seq_len))
     blocks = [LlamaBlock(layer, hf.model.rotary_emb) for layer in hf.model.layers]
     return SplitNet(hf.model.embed_tokens, blocks, nn.Sequential(hf.model.norm, hf.lm_head))
 

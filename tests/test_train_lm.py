@@ -4,6 +4,9 @@ data stream resumes exactly, bad input fails with one line and loses nothing."""
 import inspect
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,8 @@ import torch
 import evaluate
 import models
 import train_lm
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_corpus(folder, files=24):
@@ -247,3 +252,34 @@ def test_local_c4_shards_train_without_the_hub(corpus, tmp_path, monkeypatch):
     state = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
     assert 0 < rows[0]["tokens"] <= 4 * 31 and state["tokens"] == rows[-1]["tokens"]  # one document per sequence
     assert state["config"]["dataset"] == "c4" and state["tokenizer_json"] is None
+
+
+@pytest.mark.parametrize("method", ["neurotrails", "ensemble"])
+def test_export_hf_writes_each_head_as_a_plain_transformers_llama(method, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    corpus = write_corpus(tmp_path / "corpus")
+    train_lm.main(tiny(corpus, tmp_path / "run", "--method", method, "--updates", "2", "--delta-t", "1",
+                       "--num-heads", "2"))
+    done = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "export-hf", "--checkpoint",
+                           str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "hf")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    net, tokenizer, _ = evaluate.load_language_model(tmp_path / "run" / "last.pt", "cpu")
+    ids = torch.tensor([tokenizer("The json module encodes objects.")["input_ids"]])
+    with torch.no_grad():
+        ours = net(ids)  # (M, 1, T, V)
+    for i in range(2):
+        folder = tmp_path / "hf" / f"head{i + 1}"
+        assert (folder / "model.safetensors").exists()
+        hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+        assert AutoTokenizer.from_pretrained(folder)("The json module")["input_ids"] == \
+            tokenizer("The json module")["input_ids"]
+        with torch.no_grad():
+            torch.testing.assert_close(hf(ids).logits, ours[i], rtol=1e-4, atol=1e-4)
+        if method == "neurotrails":  # the sparse weights travel as exact zeros
+            zeros = sum(int((p == 0).sum()) for n, p in hf.named_parameters() if p.dim() == 2)
+            assert zeros > 0.05 * sum(p.numel() for n, p in hf.named_parameters() if p.dim() == 2)
+    again = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "export-hf", "--checkpoint",
+                            str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "hf")],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 1 and "already holds head folders" in again.stderr
