@@ -155,6 +155,20 @@ def initializer_zeros(path, net):
     return out
 
 
+def dead_channels(net):
+    """Per component: (dead output channels, dead input channels, channels) of the masked weights.
+    A dead output channel (a filter whose weights are all zero) only adds its bias / BatchNorm
+    shift; a dead input channel is never read. Both could be cut from the graph before export."""
+    out = {}
+    for name, w in neurotrails.masked_weights(net).items():
+        flat_out, flat_in = w.detach().flatten(1), w.detach().transpose(0, 1).flatten(1)
+        c = out.setdefault(neurotrails.component(name), [0, 0, 0])
+        c[0] += int((flat_out == 0).all(1).sum())
+        c[1] += int((flat_in == 0).all(1).sum())
+        c[2] += w.shape[0]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Engines and the interleaved benchmark
 
@@ -299,9 +313,11 @@ def main(argv=None):
                 aggregate, shape = "probs", (3, args.image_size, args.image_size)
             report = export(net, Path(args.out), shape, aggregate)
             print(f"wrote {args.out}; ONNX Runtime vs PyTorch max abs diff {report['max_abs_diff']:.2e}")
+            dead = dead_channels(net)
             for comp, (g, m, n) in report["components"].items():
                 print(f"  {comp:<9} masked weights {n:>12,}  zeros in graph {g:>12,} = model {m:>12,}  "
-                      f"density {1 - g / n:.4f}")
+                      f"density {1 - g / n:.4f}  dead filters {dead[comp][0]:,} of {dead[comp][2]:,}, "
+                      f"dead inputs {dead[comp][1]:,}")
             return
         engines = args.engines.split(",")
         for e in engines:  # every argument before the engines are probed

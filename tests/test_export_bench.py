@@ -134,3 +134,16 @@ def test_bench_json_has_machine_versions_and_a_row_per_engine_and_variant_and_fe
     written = evaluate.write_report([], tmp_path / "report", [data])
     assert [p.name for p in written] == ["fig8_speed_vs_sparsity.png"]
     assert written[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dead_channels_counts_all_zero_filters_and_inputs():
+    net = tiny("nt:0.5")
+    before = export_bench.dead_channels(net)
+    name, w = next((n, w) for n, w in neurotrails.masked_weights(net).items() if n.startswith("heads.1.") and w.dim() == 4)
+    with torch.no_grad():
+        w[3] = 0  # one whole filter
+        w[:, 5] = 0  # one whole input channel
+    after = export_bench.dead_channels(net)
+    comp = neurotrails.component(name)
+    assert after[comp][0] == before[comp][0] + 1 and after[comp][1] == before[comp][1] + 1
+    assert all(after[c] == before[c] for c in after if c != comp)
