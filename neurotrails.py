@@ -848,14 +848,18 @@ def run_sweep(script, argv, args, check):
 
 def machine_info():
     """CPU model, core count and the ISA flags that decide kernel speed; the GPU if any."""
-    cpu, flags = "", set()
+    cpu, flags, ids = "", set(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name" and not cpu:
                 cpu = value.strip()
+            elif key.strip() in ("cpu family", "model") and key.strip() not in ids:
+                ids[key.strip()] = value.strip()
             elif key.strip() == "flags" and not flags:
                 flags = set(value.split())
+        if ids:  # a VM may name its CPU only "AMD EPYC": family and model say which one
+            cpu += f" (family {ids.get('cpu family', '?')}, model {ids.get('model', '?')})"
     except OSError:
         import platform
         cpu = platform.processor()
