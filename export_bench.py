@@ -206,6 +206,9 @@ def bench(variants, engines, model, num_heads, blocks_in_head, allocation, batch
     """Throughput and latency per (engine, variant); variants interleaved round by round."""
     if "deepsparse" in engines and deepsparse_or_none() is None:
         engines = [e for e in engines if e != "deepsparse"]
+        if not engines:
+            raise ValueError("--engines deepsparse: DeepSparse is unavailable here (see the line above); "
+                             "use --engines onnxruntime")
     if "single" not in variants:
         variants = ["single", *variants]
     x = np.random.default_rng(0).standard_normal((batch_size, *shape), dtype=np.float32)

@@ -147,3 +147,13 @@ def test_dead_channels_counts_all_zero_filters_and_inputs():
     comp = neurotrails.component(name)
     assert after[comp][0] == before[comp][0] + 1 and after[comp][1] == before[comp][1] + 1
     assert all(after[c] == before[c] for c in after if c != comp)
+
+
+def test_only_an_unavailable_engine_is_one_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "deepsparse", None)
+    with pytest.raises(SystemExit) as exit_:
+        export_bench.main(["bench", "--model", "wrn10-1", "--num-classes", "10", "--image-size", "16",
+                           "--num-heads", "3", "--blocks-in-head", "2", "--engines", "deepsparse", "--rounds", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and len(err) == 2  # the notice, then the error
+    assert err[0].startswith("DeepSparse unavailable") and "use --engines onnxruntime" in err[1]
