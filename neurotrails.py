@@ -805,7 +805,8 @@ def run_sweep(script, argv, args, check):
     every point is checked before the first one runs. A point whose folder holds results.json is
     finished and skipped; one with a last.pt is resumed from it; otherwise it starts (a folder a
     killed run left before its first checkpoint has nothing to lose and is replaced). A point that
-    fails is reported and the sweep goes on; the exit code is 1 if any failed.
+    fails is reported and the sweep goes on; the exit code is 1 if any failed. A point killed by a
+    signal stops the sweep (exit code 1), to be continued by the same command.
     """
     if not args.out:
         raise ValueError("--sweep / --seeds need --out DIR, the folder that holds one run folder per point")
@@ -834,6 +835,9 @@ def run_sweep(script, argv, args, check):
         print(f"{head}: {what} -> {folder}", flush=True)
         t0 = time.perf_counter()
         code = subprocess.run([sys.executable, str(Path(script).resolve()), *point]).returncode
+        if code < 0:  # killed by a signal (someone is stopping the work): stop here, resumable
+            raise ValueError(f"sweep point {name} was stopped by signal {-code}; the sweep stops too; re-run the "
+                             "same command to continue (finished points are skipped, this one resumes)")
         if code:
             failed.append(name)
             print(f"{head}: FAILED (exit code {code}); the other points go on", flush=True)

@@ -276,3 +276,21 @@ def test_config_reruns_a_stored_run_and_flags_override_it(tmp_path):
                                                          str(tmp_path / "b"), "--seed", "4"])[1])
         assert {k: (stored[k], again[k]) for k in stored if stored[k] != again[k]} == {
             "out": (str(tmp_path / "a"), str(tmp_path / "b")), "seed": (0, 4)}
+
+
+def test_a_point_killed_by_a_signal_stops_the_sweep(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    class Done:
+        def __init__(self, code):
+            self.returncode = code
+
+    def fake_run(cmd, *a, **k):  # the first point dies of SIGTERM
+        calls.append(cmd)
+        return Done(-15)
+    monkeypatch.setattr(neurotrails.subprocess, "run", fake_run)
+    args = type("Args", (), {"out": str(tmp_path), "compare": None, "resume": None, "sweep": ["epochs=1,2"],
+                             "seeds": None, "seed": 0})()
+    with pytest.raises(ValueError, match="stopped by signal 15; the sweep stops too"):
+        neurotrails.run_sweep("train_vision.py", ["--sweep", "epochs=1,2", "--out", str(tmp_path)], args, lambda a: None)
+    assert len(calls) == 1 and calls[0][-4:] == ["--seed", "0", "--out", str(tmp_path / "epochs=1_seed=0")]
