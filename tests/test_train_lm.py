@@ -111,7 +111,8 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(corpus, tmp_path):
     assert a["data"] == b["data"] and a["tokens"] == b["tokens"]
     for k, v in a["optimizer"]["state"].items():
         assert torch.equal(v["exp_avg_sq"], b["optimizer"]["state"][k]["exp_avg_sq"])
-    strip = lambda rows: [{k: v for k, v in r.items() if "per_s" not in k} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if "per_s" not in k and not k.endswith("time_s")}  # noqa: E731
+                          for r in rows]  # timings differ between runs
     assert strip(log(tmp_path / "whole")) == strip(log(tmp_path / "split"))
 
 
