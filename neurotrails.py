@@ -30,6 +30,7 @@ Deviations from the released code (see README "Deviations"):
 """
 import argparse
 import errno
+import itertools
 import json
 import math
 import os
@@ -772,17 +773,11 @@ def sweep_grid(specs, seeds, default_seed=0):
         raise ValueError(f"--seeds {','.join(map(str, seeds))}: seeds must be distinct and >= 0")
     grid = []
     for seed in seeds:
-        for values in _product([v for _, v in axes]):
+        for values in itertools.product(*(v for _, v in axes)):
             flags = [(f, v) for (f, _), v in zip(axes, values)]
             name = "_".join(f"{f[2:]}={v}" for f, v in flags + [("--seed", seed)]).replace("/", "-")
             grid.append((name, flags, seed))
     return grid
-
-
-def _product(lists):
-    if not lists:
-        return [[]]
-    return [[v, *rest] for v in lists[0] for rest in _product(lists[1:])]
 
 
 def sweep_argv(argv):
