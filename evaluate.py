@@ -817,7 +817,10 @@ def write_report(folders, out, benches=()):
         if not mine:
             continue
         keys = swept_keys(mine)
-        rows = result_rows(mine, keys)
+        # method in the table's order, then every swept value ascending (numbers as numbers), then seed
+        rows = sorted(result_rows(mine, keys), key=lambda r: [
+            (order.index(r[k]) if k == "method" and r[k] in order else 0, isinstance(r[k], str),
+             r[k] if isinstance(r[k], (int, float)) else str(r[k])) for k in keys] + [r["seed"]])
         prefix = "lm_" if lm else ""
         title = run_title(mine, keys)
         if rows:
