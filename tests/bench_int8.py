@@ -132,11 +132,10 @@ def deepsparse_leg(args, tmp):
 
 
 def accuracy(args, tmp):
-    import onnxruntime  # noqa: F401
     import train_vision
-    net, aggregate, shape = export_bench.net_from_checkpoint(args.checkpoint)
-    state = neurotrails.load_checkpoint(args.checkpoint, "train_vision.py", "--checkpoint")
-    cfg = state["config"]
+    state = neurotrails.load_checkpoint(args.checkpoint, "train_vision.py", "--checkpoint")  # read once
+    net, cfg, shape = neurotrails.model_from_checkpoint(state), state["config"], tuple(state["input_shape"])
+    aggregate = cfg["aggregate"]
     train, test = train_vision.load_data(cfg["dataset"], args.data_dir or cfg["data_dir"], None, cfg["test_subset"],
                                          download=False)
     norm = lambda x: train_vision.normalize(x, cfg["dataset"]).numpy()
