@@ -360,6 +360,8 @@ def eval_only(argv):
         if (args.corruptions or args.heads_grid) and not isinstance(data, dict):
             raise ValueError(f"--{'corruptions' if args.corruptions else 'heads-grid'} needs an in-memory test set "
                              "(CIFAR-100 or Fashion-MNIST checkpoints)")
+        if args.corruptions:  # colour-only corruptions on one-channel images: refused before any work
+            evaluate.corruption_names(args.corruptions, data["x"].shape[1])
         models_to_grid = [(Path(args.checkpoint).resolve().parent.name, net)]
         if args.grid_with:
             other = load_checkpoint(args.grid_with, flag="--grid-with")

@@ -137,9 +137,75 @@ def test_corruptions_keep_shape_grow_with_severity_and_are_seeded(name):
         assert torch.equal(out, again)
         diffs.append((out.float() - x.float()).abs().mean().item())
     assert diffs[0] > 0
-    if name != "pixelate":  # block sizes like 32/24 alias, as PIL's box resize does in CIFAR-C
+    # Not monotone in pixel change, as in CIFAR-C: pixelate (block sizes like 32/24 alias, as PIL's
+    # box resize does), glass blur (shuffling saturates on textured images; severity 4 has less blur
+    # than 3 but two passes), saturate (severities 1-2 desaturate, 3-5 saturate).
+    if name not in ("pixelate", "glass_blur", "saturate"):
         assert all(b >= a * 0.97 for a, b in zip(diffs, diffs[1:])), diffs  # stronger with severity
     assert diffs[-1] > diffs[0]
+    if name not in evaluate.COLOUR_ONLY:  # and on one-channel (Fashion-MNIST) images
+        grey = x[:, :1, :28, :28]
+        assert evaluate.corrupt(grey, name, 3, torch.Generator()).shape == grey.shape
+
+
+def test_saturate_is_hsv_saturation_times_a_plus_b_and_refuses_grey_images():
+    import colorsys
+    pixels = [(0, 0, 0), (200, 100, 50), (10, 10, 10), (255, 0, 128), (30, 60, 90), (120, 121, 119)]
+    x = torch.tensor(pixels, dtype=torch.uint8).T.reshape(1, 3, 1, len(pixels))
+    for severity, (a, b) in enumerate(evaluate.CORRUPTIONS["saturate"], 1):
+        out = evaluate.corrupt(x, "saturate", severity, torch.Generator())
+        for i, p in enumerate(pixels):
+            h, s, v = colorsys.rgb_to_hsv(*(q / 255 for q in p))
+            want = [round(255 * q) for q in colorsys.hsv_to_rgb(h, min(max(s * a + b, 0.0), 1.0), v)]
+            assert out[0, :, 0, i].tolist() == pytest.approx(want, abs=1), (severity, p)
+    with pytest.raises(ValueError, match="changes colour"):
+        evaluate.corrupt(x[:, :1], "saturate", 1, torch.Generator())
+
+
+def test_blurs_and_zoom_match_scipy_ndimage():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    import numpy as np
+    x = _images()[:4].double() / 255
+    for sigma in (0.05, 0.4, 1.0):  # skimage.filters.gaussian = ndimage.gaussian_filter, truncate 4, 'nearest'
+        want = ndimage.gaussian_filter(x.numpy(), sigma=(0, 0, sigma, sigma), mode="nearest", truncate=4.0)
+        assert np.abs(evaluate._gaussian(x, sigma).numpy() - want).max() < 1e-12
+    for radius, alias in evaluate.CORRUPTIONS["defocus_blur"]:  # OpenCV's filter2D: edges reflected (101)
+        k = evaluate._disk(radius, alias)
+        assert k.shape == (17, 17) and abs(k.sum().item() - 1) < 1e-12 and torch.equal(k, k.T)
+        r = np.arange(-8, 9)
+        disk = ((r[:, None] ** 2 + r[None, :] ** 2) <= radius ** 2).astype(float)
+        g = np.exp(-np.array([1.0, 0.0, 1.0]) / (2 * alias ** 2))
+        want_k = ndimage.correlate(disk / disk.sum(), np.outer(g, g) / g.sum() ** 2, mode="mirror")
+        assert np.abs(k.numpy() - want_k).max() < 1e-12
+        want = np.stack([[ndimage.correlate(ch, want_k, mode="mirror") for ch in img] for img in x.numpy()])
+        got = evaluate.corrupt(_images()[:4], "defocus_blur", evaluate.CORRUPTIONS["defocus_blur"].index(
+            (radius, alias)) + 1, torch.Generator())
+        assert (got.double() - torch.from_numpy(np.clip(want, 0, 1) * 255).round()).abs().max() <= 1
+    for zoom in (1.0, 1.06, 1.13, 1.26):  # scipy's order-1 zoom of the centre crop, trimmed to 32 x 32
+        ch = int(np.ceil(32 / zoom))
+        top = (32 - ch) // 2
+        z = ndimage.zoom(x.numpy()[..., top:top + ch, top:top + ch], (1, 1, zoom, zoom), order=1)
+        trim = (z.shape[-1] - 32) // 2
+        want = z[..., trim:trim + 32, trim:trim + 32]
+        assert np.abs(evaluate._clipped_zoom(x, zoom).numpy() - want).max() < 1e-9, zoom
+
+
+def test_glass_blur_shuffle_only_moves_pixels_and_plasma_is_a_smooth_unit_map():
+    x = _images()[:3].double()
+    out = evaluate._glass_shuffle(x.clone(), 1, 2, torch.Generator().manual_seed(0))
+    assert not torch.equal(out, x)
+    for a, b in zip(out, x):  # a permutation of each image's pixels (all channels move together)
+        assert sorted(a.flatten(1).T.tolist()) == sorted(b.flatten(1).T.tolist())
+    assert torch.equal(out[:, :, 0], x[:, :, 0]) and torch.equal(out[:, :, :, 0], x[:, :, :, 0])  # edges stay
+    maps = evaluate._plasma(4, 28, 3, torch.Generator().manual_seed(0))
+    assert maps.shape == (4, 28, 28) and maps.min() >= 0 and maps.max() <= 1
+    full = evaluate._plasma(4, 32, 3, torch.Generator().manual_seed(0))
+    assert torch.allclose(full.amin((1, 2)), torch.zeros(4, dtype=full.dtype))
+    assert torch.allclose(full.amax((1, 2)), torch.ones(4, dtype=full.dtype))
+    assert torch.equal(full[:, :28, :28], maps)  # the 32 x 32 map cropped: same draws
+    step = (full[:, 1:] - full[:, :-1]).abs().mean()
+    shuffled = full.flatten(1)[:, torch.randperm(32 * 32, generator=torch.Generator().manual_seed(1))].view(4, 32, 32)
+    assert step < 0.5 * (shuffled[:, 1:] - shuffled[:, :-1]).abs().mean()  # neighbours are alike: a fractal
 
 
 def test_brightness_is_hsv_value_plus_c_also_on_black_pixels():

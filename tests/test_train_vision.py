@@ -257,7 +257,7 @@ def test_evaluate_corruptions_and_an_image_folder(data_dir, tmp_path):
     assert out.returncode == 0, out.stderr
     assert 0.0 <= json.loads(out.stdout.splitlines()[-1])["acc"] <= 1.0
     bad = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(tmp_path / "last.pt"),
-                          "--corruptions", "fog"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          "--corruptions", "frost"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert bad.returncode == 1 and "unknown corruption" in bad.stderr
 
 
