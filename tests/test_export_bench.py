@@ -157,3 +157,28 @@ def test_only_an_unavailable_engine_is_one_clear_error(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 1 and len(err) == 2  # the notice, then the error
     assert err[0].startswith("DeepSparse unavailable") and "use --engines onnxruntime" in err[1]
+
+
+def test_bench_layers_splits_shared_groups_by_flops_and_times_every_block(tmp_path):
+    import bench_layers  # tests/bench_layers.py: where DeepSparse's time goes, per block
+    assert bench_layers.block_of("/net/heads.2/block11/conv1/Conv_output_0") == ("heads.2", "block11")
+    assert bench_layers.block_of("backbone.stem.weight") == ("backbone", "stem")
+    groups = [([("backbone", "block0"), ("heads.0", "block1"), ("heads.1", "block1")], 3.0, 0), ([], 0.5, 0)]
+    assert bench_layers.time_per_block(groups, {"block0": 2, "block1": 1}) == {
+        "(unnamed)": 0.5, "block0": 1.5, "block1": 1.5}  # by dense FLOPs: 2 : (2 copies x 1)
+    pytest.importorskip("deepsparse", exc_type=ImportError)
+    net = tiny("nt:0.95")
+    export_bench.export(net, tmp_path / "m.onnx", SHAPE)
+    weights, macs = bench_layers.block_weights(net), bench_layers.block_macs(net, SHAPE)
+    assert {b: w["copies"] for b, w in weights.items()} == {"stem": 1, "block0": 1, "block1": 3, "block2": 3, "tail": 3}
+    assert all(w["nonzero"] < w["weights"] for b, w in weights.items() if b != "tail")
+    groups, total = bench_layers.analyze(tmp_path / "m.onnx", 2, 0, 2, SHAPE)
+    per = bench_layers.time_per_block(groups, macs)
+    assert sum(per.values()) == pytest.approx(total, rel=1e-6)
+    merged, _ = bench_layers.merge_untimed(weights, macs, per)
+    assert set(merged) == set(per) - {"(unnamed)"}  # every block with weights has a time
+    w = {"stem": {"weights": 4, "nonzero": 1, "copies": 1}, "block0": {"weights": 6, "nonzero": 3, "copies": 1}}
+    per = {"block0": 2.0}  # WRN-28-10 on DeepSparse: the stem runs inside block 0's group
+    merged, merged_macs = bench_layers.merge_untimed(w, {"stem": 1, "block0": 5}, per)
+    assert merged == {"stem+block0": {"weights": 10, "nonzero": 4, "copies": 1}} and merged_macs == {"stem+block0": 6}
+    assert per == {"stem+block0": 2.0}
