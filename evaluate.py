@@ -790,14 +790,15 @@ def summary_markdown(rows, keys, title):
     return "\n".join(lines) + "\n"
 
 
-def group_label(values, keys, skip=()):
-    """A legend entry from a point's swept values, e.g. "NeuroTrails, head lr scale 3"."""
+def group_label(values, keys, skip=(), method=None):
+    """A legend entry from a point's swept values, e.g. "NeuroTrails, head lr scale 3"; with no
+    swept value to show, the runs' method."""
     parts = []
     for k, v in zip(keys, values):
         if k in skip:
             continue
         parts.append(METHOD_NAMES.get(v, v) if k == "method" else f"{k.replace('_', ' ')} {v}")
-    return ", ".join(parts) or "runs"
+    return ", ".join(parts) or METHOD_NAMES.get(method, method or "runs")
 
 
 def run_title(runs, keys):
@@ -824,7 +825,7 @@ def plot_vs(rows, keys, x, panels, path, title):
             xs = sorted(v[0] for v in by_x)
             stats = [mean_std([scale * r[col] for r in by_x[(v,)]]) for v in xs]
             ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
-                        label=group_label(values, others))
+                        label=group_label(values, others, method=members[0]["method"]))
         ax.set(xlabel=x.replace("_", " "), ylabel=ylabel)
         ax.grid(alpha=0.3)
         if all(float(v).is_integer() for v in (r[x] for r in rows)):
@@ -842,7 +843,7 @@ def plot_goldilocks(rows, keys, path, title):
         bs = sorted(v[0] for v in by_b)
         pd = [mean_std([100 * r["pd_any"] for r in by_b[(b,)]])[0] for b in bs]
         acc = [mean_std([100 * r["acc"] for r in by_b[(b,)]])[0] for b in bs]
-        ax.plot(pd, acc, marker="o", label=group_label(values, others))
+        ax.plot(pd, acc, marker="o", label=group_label(values, others, method=members[0]["method"]))
         for b, px, py in zip(bs, pd, acc):
             ax.annotate(f"|F_h|={b}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set(xlabel="prediction disagreement, any (%)", ylabel="ensemble accuracy (%)")
@@ -863,7 +864,7 @@ def plot_over_training(runs, keys, x, panels, path, title, note=" (mean ± std o
     for r in runs:
         by_point.setdefault(tuple(r["config"].get(k) for k in keys), []).append(r)
     for i, (values, members) in enumerate(by_point.items()):
-        color = f"C{i % 10}"
+        color, label = f"C{i % 10}", group_label(values, keys, method=members[0]["config"]["method"])
         for ax, (col, ylabel, scale) in zip(axes.flat, panels):
             logs = [log for log in ([e for e in m["log"] if col in e] for m in members) if log]
             if not logs:
@@ -871,13 +872,13 @@ def plot_over_training(runs, keys, x, panels, path, title, note=" (mean ± std o
             if isinstance(logs[0][0][col], list):  # per head (ppl_heads, head_acc): thin dashed, first seed
                 for h in range(len(logs[0][0][col])):
                     ax.plot([e[x] for e in logs[0]], [scale * e[col][h] for e in logs[0]], color=color, lw=0.8,
-                            alpha=0.7, ls="--", label=f"{group_label(values, keys)}: heads" if h == 0 else None)
+                            alpha=0.7, ls="--", label=f"{label}: heads" if h == 0 else None)
             else:
                 xs = sorted(set.intersection(*(set(e[x] for e in log) for log in logs)))
                 at = [{e[x]: scale * e[col] for e in log} for log in logs]
                 stats = [mean_std([a[v] for a in at]) for v in xs]
                 ax.plot(xs, [m for m, _ in stats], color=color, marker="o" if len(xs) <= 30 else None, ms=3,
-                        label=group_label(values, keys))
+                        label=label)
                 ax.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats], color=color, alpha=0.2)
             ax.set(xlabel=x, ylabel=ylabel)
             ax.grid(alpha=0.3)
