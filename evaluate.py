@@ -488,16 +488,16 @@ def corrupt(images, name, severity, generator):
 
 def corruption_table(net, test_data, normalize, names, aggregate="probs", batch_size=256, seed=0):
     """Accuracy, NLL and ECE of the soft vote per corruption and severity (Sec. 4.1, Fig. 2)."""
+    from tqdm import tqdm
     out = {}
-    for name in names:
-        for severity in range(1, 6):
-            g = torch.Generator().manual_seed(seed)
-            x = test_data["x"]
-            batches = ((normalize(corrupt(x[i:i + batch_size], name, severity, g)), test_data["y"][i:i + batch_size])
-                       for i in range(0, len(x), batch_size))
-            logits, labels = predict(net, batches)
-            m = summarize(logits, labels, aggregate)
-            out[name, severity] = {k: m[k] for k in ("acc", "nll", "ece")}
+    grid = [(n, s) for n in names for s in range(1, 6)]
+    for name, severity in tqdm(grid, desc="corruptions", leave=False, disable=not sys.stderr.isatty()):
+        g = torch.Generator().manual_seed(seed)
+        x = test_data["x"]
+        batches = ((normalize(corrupt(x[i:i + batch_size], name, severity, g)), test_data["y"][i:i + batch_size])
+                   for i in range(0, len(x), batch_size))
+        m = summarize(*predict(net, batches), aggregate)
+        out[name, severity] = {k: m[k] for k in ("acc", "nll", "ece")}
     return out
 
 
