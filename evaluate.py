@@ -864,7 +864,7 @@ def plot_over_training(runs, keys, x, panels, path, title, note=" (mean ± std o
     for r in runs:
         by_point.setdefault(tuple(r["config"].get(k) for k in keys), []).append(r)
     for i, (values, members) in enumerate(by_point.items()):
-        color, label = f"C{i % 10}", group_label(values, keys, method=members[0]["config"]["method"])
+        color, label = f"C{i % 10}", group_label(values, keys, method=members[0]["config"].get("method"))
         for ax, (col, ylabel, scale) in zip(axes.flat, panels):
             logs = [log for log in ([e for e in m["log"] if col in e] for m in members) if log]
             if not logs:
