@@ -742,7 +742,8 @@ def add_sweep_arguments(ap):
                     help="run every value of FLAG (any flag that takes a value, e.g. blocks-in-head=1,2,4,8 or "
                          "method=single,treenet); repeat for a product grid; one run folder per point under --out "
                          "(named by its values); re-running the same command skips finished points and resumes "
-                         "interrupted ones")
+                         "interrupted ones; points another process is running are left to it, so several "
+                         "processes can share one grid")
     ap.add_argument("--seeds", default=None, metavar="S1,S2,...",
                     help="run every point of the grid with each of these seeds (default: --seed)")
 
@@ -799,7 +800,9 @@ def run_sweep(script, argv, args, check):
     check(point_argv) validates one point's whole command line (raises ValueError or exits):
     every point is checked before the first one runs. A point whose folder holds results.json is
     finished and skipped; one with a last.pt is resumed from it; otherwise it starts (a folder a
-    killed run left before its first checkpoint has nothing to lose and is replaced). A point that
+    killed run left before its first checkpoint has nothing to lose and is replaced); one whose
+    folder is locked by a running process is left to it, so several processes (one per core or GPU)
+    can run the same sweep command side by side and share its grid. A point that
     fails is reported and the sweep goes on; the exit code is 1 if any failed. A point killed by a
     signal stops the sweep (exit code 1), to be continued by the same command.
     """
@@ -816,12 +819,16 @@ def run_sweep(script, argv, args, check):
             check(point)
         except ValueError as e:
             raise ValueError(f"sweep point {name}: {e}") from None
-    failed, start = [], time.perf_counter()
+    failed, elsewhere, start = [], [], time.perf_counter()
     for i, (name, point) in enumerate(points, 1):
         folder = Path(args.out) / name
         head = f"[{i}/{len(points)}] {name}"
         if (folder / "results.json").exists():
             print(f"{head}: finished, skipped", flush=True)
+            continue
+        if _locked(folder / ".lock"):  # another sweep of the same grid runs it: several workers share a grid
+            print(f"{head}: in use by another process, left to it", flush=True)
+            elsewhere.append(name)
             continue
         if (folder / "last.pt").exists():
             point, what = point + ["--resume", str(folder / "last.pt")], "resuming"
@@ -833,12 +840,17 @@ def run_sweep(script, argv, args, check):
         if code < 0:  # killed by a signal (someone is stopping the work): stop here, resumable
             raise ValueError(f"sweep point {name} was stopped by signal {-code}; the sweep stops too; re-run the "
                              "same command to continue (finished points are skipped, this one resumes)")
-        if code:
+        if code and _locked(folder / ".lock"):  # another worker took the point in the same instant
+            print(f"{head}: in use by another process, left to it", flush=True)
+            elsewhere.append(name)
+        elif code:
             failed.append(name)
             print(f"{head}: FAILED (exit code {code}); the other points go on", flush=True)
         else:
             print(f"{head}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     total = f"{len(points)} points in {time.perf_counter() - start:.0f} s"
+    if elsewhere:
+        total += f" ({len(elsewhere)} left to the processes running them: {', '.join(elsewhere)})"
     if failed:
         raise ValueError(f"sweep: {len(failed)} of {total} failed: {', '.join(failed)}; re-run the same command "
                          f"to retry them (finished points are skipped)")

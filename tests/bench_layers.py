@@ -62,7 +62,7 @@ def block_weights(net):
 
 
 def analyze(path, batch_size, threads, iterations, shape=(3, 32, 32)):
-    """DeepSparse's per-group timing of one batch: [(blocks it covers, ms, dense FLOPs)], total ms."""
+    """DeepSparse's per-group timing of one batch: [(blocks it covers, ms)], total ms."""
     from deepsparse.engine import model_debug_analysis
     x = np.random.default_rng(0).standard_normal((batch_size, *shape), dtype=np.float32)
     r = model_debug_analysis(str(path), [x], batch_size=batch_size, num_cores=threads or None,
@@ -71,14 +71,14 @@ def analyze(path, batch_size, threads, iterations, shape=(3, 32, 32)):
     for li in r["layer_info"]:
         names = li["canonical_name"].split(",") if li["canonical_name"] != "<none>" else []
         parts = sorted({p for p in map(block_of, names) if p})
-        groups.append((parts, li["average_run_time_in_ms"], li["required_flops"]))
+        groups.append((parts, li["average_run_time_in_ms"]))
     return groups, r["average_total_time"]
 
 
 def time_per_block(groups, dense_macs):
     """ms per block name; a group spanning several blocks split by the blocks' dense FLOPs."""
     out = {"(unnamed)": 0.0}
-    for parts, ms, _ in groups:
+    for parts, ms in groups:
         blocks = sorted({b for _, b in parts})
         if not blocks:
             out["(unnamed)"] += ms

@@ -163,7 +163,7 @@ def test_bench_layers_splits_shared_groups_by_flops_and_times_every_block(tmp_pa
     import bench_layers  # tests/bench_layers.py: where DeepSparse's time goes, per block
     assert bench_layers.block_of("/net/heads.2/block11/conv1/Conv_output_0") == ("heads.2", "block11")
     assert bench_layers.block_of("backbone.stem.weight") == ("backbone", "stem")
-    groups = [([("backbone", "block0"), ("heads.0", "block1"), ("heads.1", "block1")], 3.0, 0), ([], 0.5, 0)]
+    groups = [([("backbone", "block0"), ("heads.0", "block1"), ("heads.1", "block1")], 3.0), ([], 0.5)]
     assert bench_layers.time_per_block(groups, {"block0": 2, "block1": 1}) == {
         "(unnamed)": 0.5, "block0": 1.5, "block1": 1.5}  # by dense FLOPs: 2 : (2 copies x 1)
     pytest.importorskip("deepsparse", exc_type=ImportError)

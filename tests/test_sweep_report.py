@@ -294,3 +294,25 @@ def test_a_point_killed_by_a_signal_stops_the_sweep(tmp_path, monkeypatch, capsy
     with pytest.raises(ValueError, match="stopped by signal 15; the sweep stops too"):
         neurotrails.run_sweep("train_vision.py", ["--sweep", "epochs=1,2", "--out", str(tmp_path)], args, lambda a: None)
     assert len(calls) == 1 and calls[0][-4:] == ["--seed", "0", "--out", str(tmp_path / "epochs=1_seed=0")]
+
+
+def test_a_point_another_process_is_running_is_left_to_it(tmp_path, monkeypatch, capsys):
+    import fcntl
+    calls = []
+
+    class Done:
+        returncode = 0
+    monkeypatch.setattr(neurotrails.subprocess, "run", lambda cmd, *a, **k: calls.append(cmd) or Done())
+    (tmp_path / "epochs=2_seed=0").mkdir()
+    with open(tmp_path / "epochs=2_seed=0" / ".lock", "w") as held:  # as a running training process holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        args = type("Args", (), {"out": str(tmp_path), "compare": None, "resume": None, "sweep": ["epochs=1,2,3"],
+                                 "seeds": None, "seed": 0})()
+        neurotrails.run_sweep("train_vision.py", ["--out", str(tmp_path)], args, lambda a: None)
+    assert [c[-1] for c in calls] == [str(tmp_path / "epochs=1_seed=0"), str(tmp_path / "epochs=3_seed=0")]
+    out = capsys.readouterr().out
+    assert "[2/3] epochs=2_seed=0: in use by another process, left to it" in out
+    assert "1 left to the processes running them: epochs=2_seed=0" in out
+    calls.clear()  # released: the next run of the command takes it (the others hold no results.json here)
+    neurotrails.run_sweep("train_vision.py", ["--out", str(tmp_path)], args, lambda a: None)
+    assert str(tmp_path / "epochs=2_seed=0") in calls[1] and "left to" not in capsys.readouterr().out
