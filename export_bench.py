@@ -25,6 +25,7 @@ Variants: single (dense, M=1), ensemble (M dense members), treenet (M dense head
 at the allocated densities: speed does not depend on trained values, only on where the zeros are.
 """
 import json
+import math
 import os
 import statistics
 import sys
@@ -201,6 +202,21 @@ def make_runner(engine, path, batch_size, threads):
     raise ValueError(f"--engines: unknown engine {engine!r}; use deepsparse and/or onnxruntime")
 
 
+def median_ci(values, level=0.95):
+    """The median with a distribution-free confidence interval: the order statistics x_(k) and
+    x_(n+1-k) of the sorted sample, k the largest with 2 P(Binomial(n, 1/2) < k) <= 1 - level
+    (Hollander & Wolfe, Nonparametric Statistical Methods, ch. 3); None for the bounds when n is too
+    small to reach the level (n < 6 at 95 %)."""
+    x, n = sorted(values), len(values)
+    below, k = 0.0, 0  # below = P(B < k+1) as k grows
+    while k < n // 2:
+        below += math.comb(n, k) / 2 ** n
+        if 2 * below > 1 - level:
+            break
+        k += 1
+    return statistics.median(x), (x[k - 1], x[n - k]) if k else None
+
+
 def bench(variants, engines, model, num_heads, blocks_in_head, allocation, batch_size, threads, rounds,
           warmup=2, num_classes=100, shape=(3, 32, 32)):
     """Throughput and latency per (engine, variant); variants interleaved round by round."""
@@ -237,6 +253,10 @@ def bench(variants, engines, model, num_heads, blocks_in_head, allocation, batch
             for v in variants:
                 res = results[engine, v]
                 res["ratio"] = res["items_per_s"] / results[engine, "single"]["items_per_s"]
+                # the speedup round by round (single and v ran back to back): its median and 95 % interval
+                # say whether a ratio near 1 is a win or a tie on a noisy machine
+                res["paired_ratio"], ci = median_ci([a / b for a, b in zip(times["single"], times[v])])
+                res["paired_ratio_ci"] = list(ci) if ci else None
                 res["flop_ratio"] = flops[v] / flops["single"]
                 # efficiency 1.0: every FLOP saved (or added) shows up one-for-one in throughput
                 res["efficiency"] = res["ratio"] * res["flop_ratio"]
@@ -249,11 +269,16 @@ def print_results(results, batch_size, threads, paper=None):
     print(f"\n{machine['cpu']} ({machine['cores']} cores; {' '.join(isa) or 'no AVX2'}); batch {batch_size}, "
           f"threads {threads or 'all'}; medians over rounds, ratio = throughput / single dense on the same engine; "
           "FLOP ratio = inference FLOPs / single dense; efficiency = ratio x FLOP ratio")
-    head = f"{'engine':<12} {'variant':<9} {'items/s':>9} {'ms/batch':>16} {'ratio':>6} {'FLOP ratio':>10} {'effic.':>6}"
+    print("paired = median of the per-round speedups (single's time / the variant's, run back to back) "
+          "with its 95 % interval: an interval that holds 1.00 is a tie")
+    head = (f"{'engine':<12} {'variant':<9} {'items/s':>9} {'ms/batch':>16} {'ratio':>6} {'paired [95 % CI]':>20} "
+            f"{'FLOP ratio':>10} {'effic.':>6}")
     print(head + (f" {'paper ratio':>11}" if paper else ""))
     for (engine, v), r in results.items():
+        ci = r.get("paired_ratio_ci")
+        paired = f"{r['paired_ratio']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{r['paired_ratio']:.2f}"
         line = (f"{engine:<12} {v:<9} {r['items_per_s']:>9.1f} {r['latency_ms']:>9.1f} ± {r['latency_std_ms']:>4.1f} "
-                f"{r['ratio']:>6.2f} {r['flop_ratio']:>10.3f} {r['efficiency']:>6.2f}")
+                f"{r['ratio']:>6.2f} {paired:>20} {r['flop_ratio']:>10.3f} {r['efficiency']:>6.2f}")
         print(line + (f" {paper[v]:>11.2f}" if paper and v in paper else ""))
 
 

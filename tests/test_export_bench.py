@@ -1,5 +1,6 @@
 """export_bench.py: the ONNX graph equals the PyTorch soft vote, keeps every zero, runs on
 DeepSparse; bad input gets one clear line."""
+import math
 import sys
 
 import numpy as np
@@ -89,7 +90,7 @@ def test_bench_runs_interleaved_on_both_engines_and_reports_ratios():
     for (engine, v), r in results.items():
         assert r["items_per_s"] > 0 and r["latency_ms"] > 0
         if v == "single":
-            assert r["ratio"] == 1.0 and r["flop_ratio"] == 1.0
+            assert r["ratio"] == 1.0 and r["flop_ratio"] == 1.0 and r["paired_ratio"] == 1.0
     assert results["deepsparse", "ensemble"]["flop_ratio"] == pytest.approx(3.0)
     assert results["deepsparse", "nt:0.9"]["flop_ratio"] < 1.0
 
@@ -127,13 +128,26 @@ def test_bench_json_has_machine_versions_and_a_row_per_engine_and_variant_and_fe
     rows = {r["variant"]: r for r in data["results"]}
     assert set(rows) == {"single", "nt:0.9", "nt:0.5"} and rows["nt:0.9"]["sparsity"] == 0.9
     for r in rows.values():
-        assert set(r) >= {"engine", "items_per_s", "latency_ms", "latency_std_ms", "ratio", "flop_ratio", "efficiency"}
+        assert set(r) >= {"engine", "items_per_s", "latency_ms", "latency_std_ms", "ratio", "flop_ratio", "efficiency",
+                          "paired_ratio", "paired_ratio_ci"}
+        assert r["paired_ratio_ci"] is None  # 2 rounds cannot give a 95 % interval
         assert r["efficiency"] == pytest.approx(r["ratio"] * r["flop_ratio"])
     assert rows["single"]["ratio"] == 1.0 and rows["nt:0.9"]["flop_ratio"] < rows["nt:0.5"]["flop_ratio"]
     assert data["machine"]["cpu"] in text and f"wrote {out}" in text  # the CPU (and ISA) in the table's header
     written = evaluate.write_report([], tmp_path / "report", [data])
     assert [p.name for p in written] == ["fig8_speed_vs_sparsity.png"]
     assert written[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_paired_speedup_interval_is_the_median_order_statistics_interval_and_covers_95_percent():
+    x = [7.0, 1.0, 9.0, 3.0, 5.0, 2.0, 8.0, 4.0, 10.0, 6.0]
+    assert export_bench.median_ci(x) == (5.5, (2.0, 9.0))  # n = 10: x_(2), x_(9) (coverage 0.979; x_(3), x_(8) 0.891)
+    assert export_bench.median_ci(x[:5]) == (5.0, None)  # n = 5: even (min, max) covers only 0.938
+    assert export_bench.median_ci([1.0] * 6)[1] == (1.0, 1.0)
+    rng = np.random.default_rng(0)
+    hits = [lo <= math.log(2) <= hi for lo, hi in (export_bench.median_ci(rng.exponential(size=30))[1]
+                                                    for _ in range(2000))]
+    assert 0.94 <= sum(hits) / len(hits) <= 0.98  # exact coverage at n = 30: 1 - 2 P(B <= 9) = 0.957
 
 
 def test_dead_channels_counts_all_zero_filters_and_inputs():
