@@ -64,8 +64,9 @@ class Vote(nn.Module):
 # Building what to export
 
 
-def variant_net(variant, model, num_heads, blocks_in_head, allocation, num_classes, in_channels, seed=0):
-    """A network for a variant name: single | ensemble | treenet | nt:<sparsity>."""
+def variant_net(variant, model, num_heads, blocks_in_head, allocation, num_classes, in_channels, seed=0, init="er"):
+    """A network for a variant name: single | ensemble | treenet | nt:<sparsity>; init: the masks'
+    layerwise densities, "er" (ERK for convolutions) or "uniform"."""
     sparsity_ = variant_sparsity(variant)
     torch.manual_seed(seed)
     kwargs = dict(num_classes=num_classes, in_channels=in_channels)
@@ -75,7 +76,7 @@ def variant_net(variant, model, num_heads, blocks_in_head, allocation, num_class
         return neurotrails.build(model, num_heads, None, True, **kwargs)
     net = neurotrails.build(model, num_heads, blocks_in_head, **kwargs)
     if sparsity_ > 0:  # nt:S
-        neurotrails.build_masks(net, sparsity_, allocation, "er", seed)
+        neurotrails.build_masks(net, sparsity_, allocation, init, seed)
     return net
 
 
@@ -218,7 +219,7 @@ def median_ci(values, level=0.95):
 
 
 def bench(variants, engines, model, num_heads, blocks_in_head, allocation, batch_size, threads, rounds,
-          warmup=2, num_classes=100, shape=(3, 32, 32)):
+          warmup=2, num_classes=100, shape=(3, 32, 32), init="er"):
     """Throughput and latency per (engine, variant); variants interleaved round by round."""
     if "deepsparse" in engines and deepsparse_or_none() is None:
         engines = [e for e in engines if e != "deepsparse"]
@@ -232,7 +233,7 @@ def bench(variants, engines, model, num_heads, blocks_in_head, allocation, batch
     with tempfile.TemporaryDirectory() as tmp:
         flops, runners = {}, {}
         for v in tqdm(variants, desc="export", disable=not sys.stderr.isatty()):
-            net = variant_net(v, model, num_heads, blocks_in_head, allocation, num_classes, shape[0])
+            net = variant_net(v, model, num_heads, blocks_in_head, allocation, num_classes, shape[0], init=init)
             export(net, Path(tmp) / f"{v}.onnx", shape)
             flops[v] = evaluate.inference_flops(net, torch.from_numpy(x[:1]))["sparse"]
         for engine in engines:
@@ -286,7 +287,7 @@ def results_json(results, args, paper=None):
     """--json: one object with the machine, versions, settings and a row per (engine, variant); the
     input of `evaluate.py report --bench` (the speed-vs-sparsity figure, paper Fig. 8)."""
     settings = {k: getattr(args, k) for k in ("command", "model", "num_heads", "blocks_in_head", "allocation",
-                                                "batch_size", "threads", "rounds", "image_size", "num_classes")}
+                                                "init", "batch_size", "threads", "rounds", "image_size", "num_classes")}
     rows = [{"engine": engine, "variant": v, "sparsity": variant_sparsity(v), **r,
              **({"paper_ratio": paper[v]} if paper and v in paper else {})} for (engine, v), r in results.items()]
     return {"machine": neurotrails.machine_info(), "versions": neurotrails.package_versions(),
@@ -337,7 +338,7 @@ def main(argv=None):
             else:
                 net = variant_net("ensemble" if args.full_ensemble else f"nt:{args.sparsity}" if args.sparsity
                                   else "treenet" if args.num_heads > 1 else "single", args.model, args.num_heads,
-                                  args.blocks_in_head, args.allocation, args.num_classes, 3)
+                                  args.blocks_in_head, args.allocation, args.num_classes, 3, init=args.init)
                 aggregate, shape = "probs", (3, args.image_size, args.image_size)
             report = export(net, Path(args.out), shape, aggregate)
             print(f"wrote {args.out}; ONNX Runtime vs PyTorch max abs diff {report['max_abs_diff']:.2e}")
@@ -362,7 +363,7 @@ def main(argv=None):
                         args.num_classes, 3)
         results = bench(variants, engines, args.model, args.num_heads, args.blocks_in_head, args.allocation,
                         args.batch_size, args.threads, args.rounds, num_classes=args.num_classes,
-                        shape=(3, args.image_size, args.image_size))
+                        shape=(3, args.image_size, args.image_size), init=args.init)
         paper = PAPER_TABLE7 if args.command == "table7" else None
         print_results(results, args.batch_size, args.threads, paper)
         if args.json:

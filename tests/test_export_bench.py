@@ -120,7 +120,8 @@ def test_bench_json_has_machine_versions_and_a_row_per_engine_and_variant_and_fe
     out = tmp_path / "bench.json"
     export_bench.main(["bench", "--model", "wrn10-1", "--num-classes", "10", "--image-size", "16", "--num-heads", "3",
                        "--blocks-in-head", "2", "--batch-size", "2", "--rounds", "2", "--threads", "1",
-                       "--engines", "onnxruntime", "--variants", "nt:0.9", "nt:0.5", "--json", str(out)])
+                       "--engines", "onnxruntime", "--variants", "nt:0.9", "nt:0.5", "--init", "uniform",
+                       "--json", str(out)])
     text = capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data["machine"]["cpu"] and isinstance(data["machine"]["isa"], list) and data["versions"]["onnxruntime"]
@@ -133,6 +134,17 @@ def test_bench_json_has_machine_versions_and_a_row_per_engine_and_variant_and_fe
         assert r["paired_ratio_ci"] is None  # 2 rounds cannot give a 95 % interval
         assert r["efficiency"] == pytest.approx(r["ratio"] * r["flop_ratio"])
     assert rows["single"]["ratio"] == 1.0 and rows["nt:0.9"]["flop_ratio"] < rows["nt:0.5"]["flop_ratio"]
+    # --init reaches the masks: every masked tensor at density 0.1, and the FLOP ratio is that network's
+    assert data["settings"]["init"] == "uniform"
+    x, nets = torch.zeros(1, 3, 16, 16), {}
+    for init in ("uniform", "er"):
+        nets[init] = export_bench.variant_net("nt:0.9", "wrn10-1", 3, 2, "global", 10, 3, init=init)
+    dens = [float((w != 0).float().mean()) for w in neurotrails.masked_weights(nets["uniform"]).values()]
+    assert dens and all(abs(d - 0.1) < 0.01 for d in dens)
+    flops = {k: evaluate.inference_flops(n, x)["sparse"] for k, n in nets.items()}
+    single = evaluate.inference_flops(export_bench.variant_net("single", "wrn10-1", 1, None, "global", 10, 3), x)
+    assert rows["nt:0.9"]["flop_ratio"] == pytest.approx(flops["uniform"] / single["sparse"])
+    assert flops["uniform"] != pytest.approx(flops["er"], rel=0.01)  # the default (ERK) is another network
     assert data["machine"]["cpu"] in text and f"wrote {out}" in text  # the CPU (and ISA) in the table's header
     written = evaluate.write_report([], tmp_path / "report", [data])
     assert [p.name for p in written] == ["fig8_speed_vs_sparsity.png"]
