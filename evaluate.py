@@ -716,6 +716,35 @@ def find_runs(folders):
     return runs
 
 
+def csv_value(text):
+    """A results.csv cell back to the value it was written from: None, bool, int, float or text."""
+    if text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def earlier_rows(path):
+    """The rows of an earlier report's results.csv / lm_results.csv (runs whose folders are not
+    here: another machine, an earlier session) and that report's swept keys, the columns between
+    script and seed."""
+    import csv
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        if not {"run", "script", "method", "seed"} <= set(columns):
+            raise ValueError(f"--rows {path}: not a results.csv of evaluate.py report (needs run, script, method, "
+                             f"seed columns)")
+        rows = [{k: v if k in ("run", "script") else csv_value(v) for k, v in row.items()} for row in reader]
+    return rows, columns[columns.index("script") + 1:columns.index("seed")]
+
+
 def swept_keys(runs):
     """Config keys whose values differ between the runs (what a sweep varied), in a stable order."""
     keys = sorted({k for r in runs for k in r["config"]} - NOT_AXES)
@@ -912,13 +941,29 @@ def plot_speed_vs_sparsity(benches, path):
                               f"{benches[0]['machine']['cpu']}")
 
 
-def write_report(folders, out, benches=()):
-    """results.csv, summary.md and every figure the runs (and export_bench.py --json files)
-    support; returns the paths written."""
+def merge_rows(rows, earlier, keys):
+    """`rows` (from run folders) followed by the earlier reports' rows that are not the same run
+    folder or the same point and seed as one before them (a folder here wins over its CSV row)."""
+    def point(row):
+        return json.dumps([row.get(k) for k in keys] + [row["seed"]])
+    merged = list(rows)
+    seen = {r["run"] for r in rows} | {point(r) for r in rows}
+    for row in earlier:
+        row = {"run": row["run"], "script": row["script"], **{k: row.get(k) for k in keys}, **row}
+        if row["run"] not in seen and point(row) not in seen:
+            merged.append(row)
+            seen |= {row["run"], point(row)}
+    return merged
+
+
+def write_report(folders, out, benches=(), rows_files=()):
+    """results.csv, summary.md and every figure the runs (and export_bench.py --json files, and
+    earlier reports' results.csv rows) support; returns the paths written."""
     order = list(METHOD_NAMES)  # single, TreeNet, ensemble, NeuroTrails, ...: the same order in every table
     runs = sorted(find_runs(folders), key=lambda r: (order.index(r["config"]["method"])
                                                      if r["config"].get("method") in order else len(order)))
-    if not runs and not benches:
+    earlier = [earlier_rows(path) for path in rows_files]
+    if not runs and not benches and not any(rows for rows, _ in earlier):
         raise ValueError(f"no run folders (config.json + log.jsonl) under {' '.join(map(str, folders))}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -929,36 +974,45 @@ def write_report(folders, out, benches=()):
     for script in ("train_vision.py", "train_lm.py"):
         lm = script == "train_lm.py"
         mine = [r for r in runs if ("updates" in r["config"]) == lm]
-        if not mine:
+        before = [(rows, keys) for rows, keys in earlier if any(r["script"] == script for r in rows)]
+        if not mine and not before:
             continue
-        keys = swept_keys(mine)
+        keys = sorted(set(swept_keys(mine) if mine else []).union(*(keys for _, keys in before)),
+                      key=lambda k: (k != "method", k))
+        found = result_rows(mine, keys)
+        rows = merge_rows(found, [r for rows, _ in before for r in rows if r["script"] == script], keys)
         # method in the table's order, then every swept value ascending (numbers as numbers), then seed
-        rows = sorted(result_rows(mine, keys), key=lambda r: [
-            (order.index(r[k]) if k == "method" and r[k] in order else 0, isinstance(r[k], str),
-             r[k] if isinstance(r[k], (int, float)) else str(r[k])) for k in keys] + [r["seed"]])
+        rows.sort(key=lambda r: [(order.index(r[k]) if k == "method" and r[k] in order else 0,
+                                  not isinstance(r[k], (int, float)),
+                                  r[k] if isinstance(r[k], (int, float)) else str(r[k])) for k in keys] + [r["seed"]])
         prefix = "lm_" if lm else ""
-        title = run_title(mine, keys)
+        title = run_title(mine, keys) if mine else f"rows of {', '.join(map(str, rows_files))}"
         if rows:
             written.append(out / f"{prefix}results.csv")
             write_csv(rows, written[-1])
             written.append(out / f"{prefix}summary.md")
-            unfinished = len(mine) - len(rows)
+            unfinished, copied = len(mine) - len(found), len(rows) - len(found)
             written[-1].write_text(summary_markdown(rows, keys, title) + (
-                f"\n{unfinished} unfinished run(s) (no results.json) are not in this table.\n" if unfinished else ""))
+                f"\n{unfinished} unfinished run(s) (no results.json) are not in this table.\n" if unfinished else "")
+                + (f"\n{copied} row(s) come from earlier reports (--rows), not from run folders here: they are in "
+                   f"this table and the figures per point, not in the curves over training.\n" if copied else ""))
         if lm:
-            written.append(out / "lm_perplexity.png")
-            plot_over_training(mine, keys, "update", [("ppl", "validation perplexity (soft vote)", 1),
-                                                      ("ppl_heads", "perplexity of each head", 1)], written[-1], title)
+            if mine:  # curves over training need the logs
+                written.append(out / "lm_perplexity.png")
+                plot_over_training(mine, keys, "update", [("ppl", "validation perplexity (soft vote)", 1),
+                                                          ("ppl_heads", "perplexity of each head", 1)], written[-1],
+                                   title)
             if rows and "updates" in keys:
                 written.append(out / "lm_budget.png")
                 plot_vs(rows, keys, "updates", [("ppl", "validation perplexity", 1)], written[-1], title)
             continue
         # Fig. 5: over training; with a budget axis, the runs of the largest budget only
-        longest = [r for r in mine if r["config"]["epochs"] == max(m["config"]["epochs"] for m in mine)]
-        written.append(out / "fig5_over_training.png")
-        plot_over_training(longest, [k for k in keys if k != "epochs"] if "epochs" in keys else keys, "epoch",
-                           [("acc", "test accuracy (%)", 100), ("pd_any", "prediction disagreement, any (%)", 100)],
-                           written[-1], run_title(longest, keys))
+        if mine:
+            longest = [r for r in mine if r["config"]["epochs"] == max(m["config"]["epochs"] for m in mine)]
+            written.append(out / "fig5_over_training.png")
+            plot_over_training(longest, [k for k in keys if k != "epochs"] if "epochs" in keys else keys, "epoch",
+                               [("acc", "test accuracy (%)", 100), ("pd_any", "prediction disagreement, any (%)",
+                                                                    100)], written[-1], run_title(longest, keys))
         accuracy_pd = [("acc", "test accuracy (%)", 100), ("pd_any", "prediction disagreement, any (%)", 100)]
         figures = {"epochs": ("budget_epochs.png", accuracy_pd + [("nll", "test NLL", 1)]),
                    "blocks_in_head": ("fig3_blocks_in_head.png", accuracy_pd),
@@ -986,10 +1040,15 @@ def report_main(argv):
     ap.add_argument("--out", required=True, help="folder for the report (created)")
     ap.add_argument("--bench", nargs="+", default=[], metavar="JSON",
                     help="export_bench.py bench/table7 --json files: Fig. 8, throughput ratio vs sparsity")
+    ap.add_argument("--rows", nargs="+", default=[], metavar="CSV",
+                    help="results.csv / lm_results.csv of earlier reports, for runs whose folders are not here "
+                         "(another machine, a lost disk): their rows join the tables and the per-point figures "
+                         "(not the curves over training, which need the logs); a run folder given here wins over "
+                         "a row of the same point and seed")
     args = ap.parse_args(argv)
     try:
-        if not args.folders and not args.bench:
-            raise ValueError("give run folders and/or --bench files")
+        if not args.folders and not args.bench and not args.rows:
+            raise ValueError("give run folders, --rows files and/or --bench files")
         for folder in args.folders:
             if not Path(folder).is_dir():
                 raise ValueError(f"{folder}: no such folder")
@@ -1004,7 +1063,7 @@ def report_main(argv):
             benches.append(bench)
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise ValueError(f"--out {args.out} is a file, not a folder")
-        written = write_report(args.folders, args.out, benches)
+        written = write_report(args.folders, args.out, benches, args.rows)
     except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError
         ap.fail(e)
     for path in written:

@@ -236,6 +236,49 @@ def test_language_runs_get_their_own_table_and_perplexity_curves(tmp_path):
     assert "| NeuroTrails | 0,1 | 199.50 ± 0.71 |" in (tmp_path / "report" / "lm_summary.md").read_text()
 
 
+def test_rows_of_an_earlier_report_stand_in_for_lost_run_folders(tmp_path):
+    runs = tmp_path / "runs"
+    for method in ("single", "neurotrails"):
+        for epochs in (2, 4):
+            for seed in (0, 1):
+                fake_vision_run(runs / f"{method}-{epochs}-{seed}", method, seed, epochs)
+    evaluate.write_report([runs], tmp_path / "full")
+    full = read_csv(tmp_path / "full" / "results.csv")
+    # the single network's folders are lost; NeuroTrails' seed 1 at 4 epochs is also in the old CSV
+    # but its folder is here and was re-run with another result: the folder wins
+    for path in runs.glob("single-*"):
+        for f in path.iterdir():
+            f.unlink()
+        path.rmdir()
+    rerun = runs / "neurotrails-4-1" / "results.json"
+    results = json.loads(rerun.read_text())
+    results["metrics"]["acc"] = 0.25
+    rerun.write_text(json.dumps(results))
+    written = {p.name for p in evaluate.write_report([runs], tmp_path / "merged",
+                                                     rows_files=[tmp_path / "full" / "results.csv"])}
+    assert written == {"results.csv", "summary.md", "fig5_over_training.png", "budget_epochs.png"}
+    merged = read_csv(tmp_path / "merged" / "results.csv")
+    assert len(merged) == len(full) == 8 and list(merged[0]) == list(full[0])
+    by_run = {r["run"]: r for r in merged}
+    for old in full:
+        row = by_run[old["run"]]
+        if old["run"].endswith("neurotrails-4-1"):
+            assert float(row["acc"]) == 0.25
+        else:
+            assert row == old  # every cell as written, the lost folders' rows included
+    summary = (tmp_path / "merged" / "summary.md").read_text()
+    assert "| single dense | 4 | 0,1 |" in summary and "4 row(s) come from earlier reports" in summary
+    # an earlier report alone: the table and the per-point figures, no curves
+    assert {p.name for p in evaluate.write_report([], tmp_path / "alone", rows_files=[
+        tmp_path / "merged" / "results.csv"])} == {"results.csv", "summary.md", "budget_epochs.png"}
+    assert read_csv(tmp_path / "alone" / "results.csv") == merged
+    not_a_report = tmp_path / "other.csv"
+    not_a_report.write_text("a,b\n1,2\n")
+    done = cli("evaluate.py", "report", "--rows", str(not_a_report), "--out", str(tmp_path / "r"))
+    assert done.returncode == 1 and "not a results.csv" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
 def test_report_command_line_errors_are_one_line(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
