@@ -875,7 +875,7 @@ def machine_info():
         import platform
         cpu = platform.processor()
     isa = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-                       "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8") if f in flags]
+                       "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8") if f in flags]
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": os.cpu_count(), "isa": isa, "gpu": gpu}
 

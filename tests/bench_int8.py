@@ -28,8 +28,13 @@ import export_bench  # noqa: E402
 import neurotrails  # noqa: E402
 
 
-def quantize(src, dst, batches):
-    """src fp32 ONNX -> dst int8 QDQ ONNX, activations calibrated on `batches` (numpy arrays)."""
+def quantize(src, dst, batches, reduce_range=None):
+    """src fp32 ONNX -> dst int8 QDQ ONNX, activations calibrated on `batches` (numpy arrays).
+    reduce_range: 7-bit weights, which ONNX Runtime's quantization guide recommends on x86 CPUs
+    without VNNI, whose u8 x s8 kernels (VPMADDUBSW) can saturate their 16-bit sums; None: on
+    exactly those CPUs."""
+    if reduce_range is None:
+        reduce_range = not {"avx512_vnni", "avx_vnni"} & set(neurotrails.machine_info()["isa"])
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
     prepared = Path(dst).with_suffix(".pre.onnx")  # shapes inferred, constants and BatchNorm folded
@@ -44,7 +49,8 @@ def quantize(src, dst, batches):
             return None if x is None else {"input": x}
 
     quantize_static(str(prepared), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                    reduce_range=reduce_range)
 
 
 def int8_zeros(path):
