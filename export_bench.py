@@ -267,7 +267,9 @@ def bench(variants, engines, model, num_heads, blocks_in_head, allocation, batch
 def print_results(results, batch_size, threads, paper=None):
     machine = neurotrails.machine_info()
     isa = [f for f in machine["isa"] if f.startswith(("avx2", "avx512f", "avx512_vnni", "amx"))]
-    print(f"\n{machine['cpu']} ({machine['cores']} cores; {' '.join(isa) or 'no AVX2'}); batch {batch_size}, "
+    forced = os.environ.get("NM_ARCH")  # DeepSparse's kernels for another ISA than the CPU's best
+    print(f"\n{machine['cpu']} ({machine['cores']} cores; {' '.join(isa) or 'no AVX2'}"
+          f"{f'; DeepSparse kernels {forced} (NM_ARCH)' if forced else ''}); batch {batch_size}, "
           f"threads {threads or 'all'}; medians over rounds, ratio = throughput / single dense on the same engine; "
           "FLOP ratio = inference FLOPs / single dense; efficiency = ratio x FLOP ratio")
     print("paired = median of the per-round speedups (single's time / the variant's, run back to back) "
@@ -288,6 +290,7 @@ def results_json(results, args, paper=None):
     input of `evaluate.py report --bench` (the speed-vs-sparsity figure, paper Fig. 8)."""
     settings = {k: getattr(args, k) for k in ("command", "model", "num_heads", "blocks_in_head", "allocation",
                                                 "init", "batch_size", "threads", "rounds", "image_size", "num_classes")}
+    settings["deepsparse_isa"] = os.environ.get("NM_ARCH") or "auto"  # NM_ARCH=avx2: AVX2 kernels on an AVX-512 CPU
     rows = [{"engine": engine, "variant": v, "sparsity": variant_sparsity(v), **r,
              **({"paper_ratio": paper[v]} if paper and v in paper else {})} for (engine, v), r in results.items()]
     return {"machine": neurotrails.machine_info(), "versions": neurotrails.package_versions(),

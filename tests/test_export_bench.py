@@ -114,10 +114,12 @@ def test_without_deepsparse_bench_says_so_in_one_line_and_runs_onnxruntime(monke
     assert len(err) == 1 and err[0].startswith("DeepSparse unavailable") and "ONNX Runtime only" in err[0]
 
 
-def test_bench_json_has_machine_versions_and_a_row_per_engine_and_variant_and_feeds_fig8(tmp_path, capsys):
+def test_bench_json_has_machine_versions_and_a_row_per_engine_and_variant_and_feeds_fig8(tmp_path, capsys,
+                                                                                         monkeypatch):
     import json
     import evaluate
     out = tmp_path / "bench.json"
+    monkeypatch.setenv("NM_ARCH", "avx2")  # DeepSparse's AVX2 kernels, named in the header and the JSON
     export_bench.main(["bench", "--model", "wrn10-1", "--num-classes", "10", "--image-size", "16", "--num-heads", "3",
                        "--blocks-in-head", "2", "--batch-size", "2", "--rounds", "2", "--threads", "1",
                        "--engines", "onnxruntime", "--variants", "nt:0.9", "nt:0.5", "--init", "uniform",
@@ -146,6 +148,7 @@ def test_bench_json_has_machine_versions_and_a_row_per_engine_and_variant_and_fe
     assert rows["nt:0.9"]["flop_ratio"] == pytest.approx(flops["uniform"] / single["sparse"])
     assert flops["uniform"] != pytest.approx(flops["er"], rel=0.01)  # the default (ERK) is another network
     assert data["machine"]["cpu"] in text and f"wrote {out}" in text  # the CPU (and ISA) in the table's header
+    assert data["settings"]["deepsparse_isa"] == "avx2" and "DeepSparse kernels avx2 (NM_ARCH)" in text
     written = evaluate.write_report([], tmp_path / "report", [data])
     assert [p.name for p in written] == ["fig8_speed_vs_sparsity.png"]
     assert written[0].read_bytes()[:4] == b"\x89PNG"
