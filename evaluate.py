@@ -735,13 +735,22 @@ def earlier_rows(path):
     here: another machine, an earlier session) and that report's swept keys, the columns between
     script and seed."""
     import csv
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        if not {"run", "script", "method", "seed"} <= set(columns):
-            raise ValueError(f"--rows {path}: not a results.csv of evaluate.py report (needs run, script, method, "
-                             f"seed columns)")
-        rows = [{k: v if k in ("run", "script") else csv_value(v) for k, v in row.items()} for row in reader]
+    not_a_report = ValueError(f"--rows {path}: not a results.csv of evaluate.py report (needs run, script, "
+                              f"method and seed columns)")
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            if not {"run", "script", "method", "seed"} <= set(columns):
+                raise not_a_report
+            raw = list(reader)
+    except OSError as e:
+        raise ValueError(f"--rows {path}: cannot read ({e.strerror or e})") from None
+    except (csv.Error, UnicodeDecodeError):  # binary or broken text
+        raise not_a_report from None
+    if any(None in row or None in row.values() for row in raw):  # more or fewer cells than the header
+        raise not_a_report
+    rows = [{k: v if k in ("run", "script") else csv_value(v) for k, v in row.items()} for row in raw]
     return rows, columns[columns.index("script") + 1:columns.index("seed")]
 
 

@@ -272,6 +272,13 @@ def test_rows_of_an_earlier_report_stand_in_for_lost_run_folders(tmp_path):
     assert {p.name for p in evaluate.write_report([], tmp_path / "alone", rows_files=[
         tmp_path / "merged" / "results.csv"])} == {"results.csv", "summary.md", "budget_epochs.png"}
     assert read_csv(tmp_path / "alone" / "results.csv") == merged
+    blank = tmp_path / "blank.csv"  # an empty cell (a value a run did not have) is read as missing, not refused
+    text = (tmp_path / "merged" / "results.csv").read_text().splitlines()
+    cells = text[1].split(",")
+    cells[text[0].split(",").index("ece")] = ""
+    blank.write_text("\n".join([text[0], ",".join(cells), *text[2:]]) + "\n")
+    evaluate.write_report([], tmp_path / "blank", rows_files=[blank])
+    assert sum(r["ece"] == "" for r in read_csv(tmp_path / "blank" / "results.csv")) == 1
     not_a_report = tmp_path / "other.csv"
     not_a_report.write_text("a,b\n1,2\n")
     done = cli("evaluate.py", "report", "--rows", str(not_a_report), "--out", str(tmp_path / "r"))
