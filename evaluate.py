@@ -872,21 +872,23 @@ def plot_vs(rows, keys, x, panels, path, title):
 
 
 def plot_goldilocks(rows, keys, path, title):
-    """Fig. 3 (right): disagreement vs accuracy, one line per method, points labelled by |F_h|."""
+    """Fig. 3 (right): disagreement vs accuracy, one line per method, points labelled by |F_h|,
+    mean over seeds with +- std bars on both axes."""
     plt = _pyplot()
     others = [k for k in keys if k != "blocks_in_head"]
     fig, ax = plt.subplots(figsize=(5.5, 4.4))
     for values, members in groups([r for r in rows if r["pd_any"] or r["method"] != "single"], others).items():
         by_b = groups(members, ["blocks_in_head"])
         bs = sorted(v[0] for v in by_b)
-        pd = [mean_std([100 * r["pd_any"] for r in by_b[(b,)]])[0] for b in bs]
-        acc = [mean_std([100 * r["acc"] for r in by_b[(b,)]])[0] for b in bs]
-        ax.plot(pd, acc, marker="o", label=group_label(values, others, method=members[0]["method"]))
+        pd, pd_std = zip(*(mean_std([100 * r["pd_any"] for r in by_b[(b,)]]) for b in bs))
+        acc, acc_std = zip(*(mean_std([100 * r["acc"] for r in by_b[(b,)]]) for b in bs))
+        ax.errorbar(pd, acc, xerr=pd_std, yerr=acc_std, marker="o", capsize=3,
+                    label=group_label(values, others, method=members[0]["method"]))
         for b, px, py in zip(bs, pd, acc):
             ax.annotate(f"|F_h|={b}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set(xlabel="prediction disagreement, any (%)", ylabel="ensemble accuracy (%)")
     ax.grid(alpha=0.3)
-    _save(plt, fig, ax, path, f"{title}\naccuracy vs disagreement (mean over seeds)")
+    _save(plt, fig, ax, path, f"{title}\naccuracy vs disagreement (mean ± std over seeds)")
 
 
 def plot_over_training(runs, keys, x, panels, path, title, note=" (mean ± std over seeds)"):
