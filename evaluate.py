@@ -283,17 +283,18 @@ def train_flops_per_example(f_sparse, f_dense, delta_t):
 
 def flops_report(model, num_heads, blocks_in_head, sparsity_, allocation="global", init="er", full_ensemble=False,
                  num_classes=100, image_size=32, seq_len=256, epochs=1, single_epochs=1, train_examples=1,
-                 delta_t=0, batch_size=128):
+                 delta_t=0, batch_size=128, in_channels=3, vocab_size=32000):
     """Inference and training FLOPs and parameters of a configuration, absolute and vs single dense.
 
     Built on the meta device from the allocated densities: instant for any model size.
     """
     lm = models.is_language_model(model)
-    kwargs = {} if lm else {"num_classes": num_classes}
+    kwargs = {"vocab_size": vocab_size} if lm else {"num_classes": num_classes, "in_channels": in_channels}
     with torch.device("meta"):
         net = neurotrails.build(model, num_heads, blocks_in_head, full_ensemble, **kwargs)
         single = neurotrails.build(model, 1, None, **kwargs)
-        example = (torch.zeros(1, seq_len, dtype=torch.long) if lm else torch.zeros(1, 3, image_size, image_size))
+        example = (torch.zeros(1, seq_len, dtype=torch.long) if lm
+                   else torch.zeros(1, in_channels, image_size, image_size))
         dens = neurotrails.densities(net, sparsity_, allocation, init)
         weights = neurotrails.masked_weights(net)
         active = {n: round(dens[n] * w.numel()) for n, w in weights.items()}
@@ -688,6 +689,7 @@ NOT_AXES = {"out", "data_dir", "device", "workers", "world_size", "resumed", "se
             "data_workers", "micro_batch_size", "stop_after", "save_every", "log_every", "eval_every"}
 METHOD_NAMES = {"single": "single dense", "treenet": "TreeNet", "ensemble": "full ensemble",
                 "neurotrails": "NeuroTrails", "static": "static sparse", "pruning": "pruning", "set": "SET"}
+BUDGET_COLUMNS = ("budget", "dense_epochs", "epochs", "dense_updates", "updates", "train_flops_vs_single")
 VISION_COLUMNS = ("acc", "nll", "ece", "pd_any", "pd_pairwise", "head_acc_mean", "head_acc", "infer_flops_vs_single",
                   "active_params", "params", "train_time_s", "wall_time_s")
 LM_COLUMNS = ("ppl", "ppl_logits", "ppl_heads", "infer_flops_vs_single", "active_params", "params", "train_time_s",
@@ -696,7 +698,9 @@ SUMMARY_COLUMNS = {  # column -> (header, scale, digits)
     "acc": ("accuracy %", 100, 2), "nll": ("NLL", 1, 3), "ece": ("ECE", 1, 3), "pd_any": ("PD any %", 100, 1),
     "pd_pairwise": ("PD pairwise %", 100, 1), "head_acc_mean": ("head acc %", 100, 2),
     "ppl": ("perplexity", 1, 2), "ppl_logits": ("ppl (mean of logits)", 1, 2),
-    "infer_flops_vs_single": ("inference FLOPs vs single", 1, 3), "active_params": ("active params", 1, 0),
+    "best_acc": ("best-epoch acc % (test-selected)", 100, 2),
+    "infer_flops_vs_single": ("inference FLOPs vs single", 1, 3),
+    "train_flops_vs_single": ("training FLOPs vs single", 1, 2), "active_params": ("active params", 1, 0),
     "train_time_s": ("train time s", 1, 0)}
 
 
@@ -756,7 +760,10 @@ def earlier_rows(path):
 
 def swept_keys(runs):
     """Config keys whose values differ between the runs (what a sweep varied), in a stable order."""
-    keys = sorted({k for r in runs for k in r["config"]} - NOT_AXES)
+    derived = {"train_flops_vs_single", "infer_flops_vs_single"}  # follow from the other keys
+    if any("dense_epochs" in r["config"] or "dense_updates" in r["config"] for r in runs):
+        derived |= {"epochs", "updates"}  # each method's own length follows from E and the budget mode
+    keys = sorted({k for r in runs for k in r["config"]} - NOT_AXES - derived)
     first = {k: json.dumps(runs[0]["config"].get(k)) for k in keys}
     varied = [k for k in keys if any(json.dumps(r["config"].get(k)) != first[k] for r in runs)]
     if "method" in varied:  # M, S, |F_h| or epochs that follow from the method alone are not axes
@@ -778,6 +785,10 @@ def result_rows(runs, keys):
         m, cfg = r["results"]["metrics"], r["config"]
         row = {"run": str(r["path"]), "script": r["results"]["script"], **{k: cfg.get(k) for k in keys},
                "method": cfg["method"], "seed": cfg["seed"]}
+        row.update({k: cfg[k] for k in BUDGET_COLUMNS if k in cfg})  # the budget: mode, E, own length, cost
+        if r["log"] and "acc" in r["log"][0]:  # the released code's number: the best test epoch (test selection)
+            best = max(r["log"], key=lambda e: e["acc"])
+            row.update(best_acc=best["acc"], best_epoch=best["epoch"])
         if "head_acc" in m:
             m = {**m, "head_acc_mean": sum(m["head_acc"]) / len(m["head_acc"])}
         for col in (LM_COLUMNS if "ppl" in m else VISION_COLUMNS):
@@ -1019,13 +1030,21 @@ def write_report(folders, out, benches=(), rows_files=()):
             continue
         # Fig. 5: over training; with a budget axis, the runs of the largest budget only
         if mine:
-            longest = [r for r in mine if r["config"]["epochs"] == max(m["config"]["epochs"] for m in mine)]
+            axis = "dense_epochs" if "dense_epochs" in keys else "epochs"  # E, or each run's own epochs
+            longest = [r for r in mine if r["config"].get(axis) == max(m["config"].get(axis) or 0 for m in mine)]
             written.append(out / "fig5_over_training.png")
-            plot_over_training(longest, [k for k in keys if k != "epochs"] if "epochs" in keys else keys, "epoch",
+            plot_over_training(longest, [k for k in keys if k != axis], "epoch",
                                [("acc", "test accuracy (%)", 100), ("pd_any", "prediction disagreement, any (%)",
                                                                     100)], written[-1], run_title(longest, keys))
         accuracy_pd = [("acc", "test accuracy (%)", 100), ("pd_any", "prediction disagreement, any (%)", 100)]
+        if rows and ("dense_epochs" in keys or "budget" in keys) and all("train_flops_vs_single" in r for r in rows):
+            # equal compute reads off a vertical line: accuracy and NLL against training FLOPs vs single
+            written.append(out / "budget_flops.png")
+            plot_vs(rows, [k for k in keys if k != "dense_epochs"] + ["train_flops_vs_single"],
+                    "train_flops_vs_single", [("acc", "test accuracy (%)", 100), ("nll", "test NLL", 1)],
+                    written[-1], title)
         figures = {"epochs": ("budget_epochs.png", accuracy_pd + [("nll", "test NLL", 1)]),
+                   "dense_epochs": ("budget_epochs.png", accuracy_pd + [("nll", "test NLL", 1)]),
                    "blocks_in_head": ("fig3_blocks_in_head.png", accuracy_pd),
                    "num_heads": ("fig6_num_heads.png", [accuracy_pd[0], ("infer_flops_vs_single",
                                                                         "inference FLOPs vs single", 1)]),

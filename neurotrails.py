@@ -81,6 +81,35 @@ METHODS = {
 }
 
 
+# ----------------------------------------------------------------------------------------------
+# Training budgets (App. E.3, Tables 11-14): the paper gives each method its own length, chosen so
+# that training FLOPs stay near one dense network's; comparing at equal epochs is another experiment.
+
+BUDGETS = ("paper", "equal", "flops", "density")
+
+
+def method_budget(mode, dense_budget, paper_ratio, sparsity_, step_cost):
+    """Epochs (vision) or updates (language) of one method, from the single dense network's E.
+
+    paper:   round(ratio x E), the method's ratio in the paper's table for the dataset.
+    equal:   E for every method.
+    flops:   round(E / c), c = the method's training FLOPs per step / the single network's, so the
+             run costs what E steps of the single network cost (within half an epoch).
+    density: floor(E / (1 - S)), the 1/(1-S) extension limit (Evci et al. 2020), E for dense methods.
+    step_cost() gives c; only `flops` calls it (it builds the network on the meta device).
+    """
+    if mode == "paper":
+        return max(1, round(paper_ratio * dense_budget))
+    if mode == "equal":
+        return dense_budget
+    if mode == "flops":
+        # the run's training FLOPs = c x steps; equal to the single network's E steps at E / c
+        return max(1, round(dense_budget / step_cost()))
+    if mode == "density":
+        return math.floor(dense_budget / (1 - sparsity_) + 1e-6)  # 1e-6: 10,000 / 0.9 = 11,111
+    raise ValueError(f"--budget must be one of {', '.join(BUDGETS)}, got {mode!r}")
+
+
 def param_groups(net, head_lr_scale=1.0):
     """Optimizer parameter groups: the backbone at the base learning rate, the heads at
     head_lr_scale x it (the loop sets group lr = lr x group["lr_scale"]). Why: the loss is the mean
@@ -699,12 +728,13 @@ def with_config(ap, argv):
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         ap.error(f"--config {path}: not a run's config.json or results.json "
                  f"({e.strerror if isinstance(e, OSError) else e})")
-    flags = set(vars(ap.parse_args([])))  # every dest of this command line
+    # every dest of this command line -> its flag (--epochs stores E as dense_epochs)
+    flags = {a.dest: a.option_strings[0] for a in ap._actions if a.option_strings}
     carried = []
     for key, value in stored.items():
         if key not in flags or key in CONFIG_NOT_CARRIED or value is None or value is False:
             continue
-        carried += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+        carried += [flags[key]] + ([] if value is True else [str(value)])
     return carried + argv
 
 

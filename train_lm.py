@@ -61,8 +61,9 @@ import neurotrails
 import sparsity
 from neurotrails import float_in, int_in
 
-# App. E.2, Table 10. dense_updates: updates of a dense run; sparse runs train 1/(1-S) times as many
-# (10,000 -> 11,111 at S=0.1). Other sizes take the 130M recipe.
+# App. E.2, Tables 10 and 13. dense_updates: U, the updates of the single dense network (and of
+# TreeNet and of each full-ensemble member); under --budget paper sparse methods train
+# floor(U / (1 - S)) (Table 13: 10,000 -> 11,111 at S = 0.1). Other sizes take the 130M recipe.
 RECIPES = {
     "llama-130m": dict(lr=1.5e-3, dense_updates=10_000),
     "llama-350m": dict(lr=5e-4, dense_updates=40_000),
@@ -75,7 +76,8 @@ SCRIPT = "train_lm.py"  # the writer named in every checkpoint
 OPTIMIZER_CHANGES = ("lr", "weight_decay", "warmup", "min_lr_ratio")
 # Config keys that may differ between a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = {"data_dir", "out", "device", "bf16", "world_size", "stop_after", "eval_every",
-                     "log_every", "save_every", "data_workers", "resumed", *OPTIMIZER_CHANGES}
+                     "log_every", "save_every", "data_workers", "resumed", *OPTIMIZER_CHANGES,
+                     "train_flops_vs_single", "infer_flops_vs_single"}  # these two follow from the rest
 VALIDATION_EVERY = 20  # --dataset text: every 20th file (sorted by path) is held out for validation
 
 
@@ -96,8 +98,7 @@ def resolve_config(args):
         cfg["tokenizer"] = f"byte-level BPE of {args.train_tokenizer} tokens trained on --data-dir (tokenizer.json)"
     cfg["num_heads"] = neurotrails.num_heads_of(args.method, args.num_heads)
     cfg["sparsity"] = args.sparsity if method.sparse else 0.0
-    if args.updates is None:  # App. E.2: sparse runs get 1/(1-S) times the dense updates (11,111 at S=0.1)
-        cfg["updates"] = math.floor(r["dense_updates"] / (1 - cfg["sparsity"]) + 1e-6)
+    cfg["dense_updates"] = r["dense_updates"] if args.dense_updates is None else args.dense_updates
     num_blocks = models.LLAMA_CONFIGS[args.model][0]
     if method.full_ensemble:  # each member is a whole model: nothing to split
         cfg["blocks_in_head"] = None
@@ -105,6 +106,7 @@ def resolve_config(args):
         cfg["blocks_in_head"] = neurotrails.default_blocks_in_head(args.model, num_blocks)
     neurotrails.validate(args.model, cfg["num_heads"], cfg["blocks_in_head"], num_blocks, cfg["sparsity"],
                          method.full_ensemble)
+    cfg.update(budget(cfg, method))
     cfg["device"] = neurotrails.check_device(args.device) if args.device else \
         "cuda" if torch.cuda.is_available() else "cpu"
     cfg["bf16"] = cfg["device"].startswith("cuda") if args.bf16 is None else args.bf16
@@ -112,9 +114,25 @@ def resolve_config(args):
     cfg["micro_batch_size"] = min(args.micro_batch_size, max(1, args.batch_size // cfg["world_size"]))
     # The default folder names what makes runs differ, so a quick run never lands in a real run's folder.
     cfg["out"] = args.out or (f"runs/lm-{args.model}-{args.method}-M{cfg['num_heads']}-S{cfg['sparsity']}"
-                              f"-u{cfg['updates']}-seed{args.seed}")
+                              f"-U{cfg['dense_updates']}-{cfg['budget']}-u{cfg['updates']}-seed{args.seed}")
     validate(cfg)
     return cfg
+
+
+def budget(cfg, method):
+    """The method's updates under cfg["budget"] (see neurotrails.method_budget; paper = Table 13:
+    floor(U / (1 - S)) for sparse methods, U for the others) and its cost relative to the single
+    dense network trained for U updates: inference FLOPs per sequence and training FLOPs of the
+    run (App. F; vocabulary: --train-tokenizer N, else 32,000 as t5-base)."""
+    report = evaluate.flops_report(cfg["model"], cfg["num_heads"], cfg["blocks_in_head"], cfg["sparsity"],
+                                   cfg["allocation"], cfg["init"], method.full_ensemble, seq_len=cfg["seq_len"],
+                                   delta_t=cfg["delta_t"] if method.evolves else 0,
+                                   vocab_size=cfg["train_tokenizer"] or 32000)
+    step_cost = report["train_flops_per_step_vs_single"]
+    mode = "density" if cfg["budget"] == "paper" else cfg["budget"]  # Table 13 is the 1/(1-S) rule
+    updates = neurotrails.method_budget(mode, cfg["dense_updates"], 1, cfg["sparsity"], lambda: step_cost)
+    return {"updates": updates, "train_flops_vs_single": round(step_cost * updates / cfg["dense_updates"], 4),
+            "infer_flops_vs_single": round(report["infer_flops_vs_single"], 4)}
 
 
 def validate(cfg):
@@ -416,8 +434,13 @@ def parse_args(argv=None):
                     help="pruning: survivors sampled with probability ~ |w|^T (Zhang 2025), or smallest |w|")
     ap.add_argument("--temperature", type=float_in(0, 1e3, lo_open=True), default=3.0,
                     help="T in (0, 1000], the soft-magnitude exponent (larger: closer to hard magnitude)")
-    ap.add_argument("--updates", type=int_in(1), default=None,
-                    help="optimizer updates (default: 10,000 dense / 11,111 sparse for 130M; 40,000 / 44,444 for 350M)")
+    ap.add_argument("--updates", dest="dense_updates", type=int_in(1), default=None,
+                    help="U, the single dense network's optimizer updates, from which --budget gives each method "
+                         "its own (default: the paper's, 10,000 for llama-130m and smaller, 40,000 for 350m)")
+    ap.add_argument("--budget", default="paper", choices=neurotrails.BUDGETS,
+                    help="updates per method: paper = Table 13 (sparse methods floor(U / (1 - S)), e.g. 11,111 at "
+                         "S = 0.1; the others U); equal = U for all; flops = the updates whose training FLOPs equal "
+                         "the single network's at U; density = the same rule as paper (default: paper)")
     ap.add_argument("--batch-size", type=int_in(1), default=512, help="sequences per update (per ensemble member)")
     ap.add_argument("--micro-batch-size", type=int_in(1), default=32,
                     help="sequences per forward/backward on each process; gradients accumulate to --batch-size. "
@@ -453,7 +476,7 @@ def parse_args(argv=None):
                          "continue with --resume OUT/last.pt")
     ap.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,
                     help="seed of init, masks, DST sampling and data order, in [0, 2^32)")
-    neurotrails.add_run_arguments(ap, "runs/lm-<model>-<method>-M<M>-S<S>-u<updates>-seed<seed>")
+    neurotrails.add_run_arguments(ap, "runs/lm-<model>-<method>-M<M>-S<S>-U<U>-<budget>-u<updates>-seed<seed>")
     neurotrails.add_sweep_arguments(ap)
     neurotrails.add_config_argument(ap)
     return ap, ap.parse_args(neurotrails.with_config(ap, sys.argv[1:] if argv is None else argv))

@@ -6,7 +6,7 @@
 
 Paper map (arXiv 2505.17909):
   Sec. 4.1, App. E.2, Table 9   recipes (SGD, lr, momentum, wd, batch, step decay)  -> RECIPES
-  App. E.3, Tables 11, 12, 14   epochs per method, 1/(1-S) extension               -> EPOCHS, --extend-by-density
+  App. E.3, Tables 11, 12, 14   epochs per method (--budget paper|equal|flops|density) -> PAPER_RATIOS, budget()
   Sec. 3, Alg. 1                training: mean-of-heads loss, masked SGD, DST       -> train()
   Sec. 5.1, App. E.2            static sparse and pruning baselines                -> --method static|pruning
   App. E.2                      full ensemble: independent training, soft voting    -> --method ensemble
@@ -64,14 +64,18 @@ RECIPES = {
     "fashion-mnist": dict(model="wrn16-4", classes=10, channels=1, size=28, lr=0.1, momentum=0.9, weight_decay=5e-4,
                           batch_size=128, delta_t=100, sparsity=0.8, mean=(0.2860,), std=(0.3530,)),
 }
-# Epochs per (dataset, method), Tables 11, 12, 14 (TreeNet on ImageNet: 180). Sparse methods get
-# the NeuroTrails schedule; the pruning baseline the dense one x 2 (250 + 250, Table 9).
-EPOCHS = {
-    "cifar100": {"dense": 250, "treenet": 250, "sparse": 450, "pruning": 500},
-    "tinyimagenet": {"dense": 100, "treenet": 100, "sparse": 200, "pruning": 200},
-    "imagenet": {"dense": 90, "treenet": 180, "sparse": 270, "pruning": 180},
-    "fashion-mnist": {"dense": 15, "treenet": 15, "sparse": 15, "pruning": 15},
+# Training budgets (App. E.3). E, the single dense network's epochs (Tables 11, 12, 14; the
+# offline Fashion-MNIST: ours), and each method's epochs as a multiple of E under --budget paper:
+# CIFAR-100 (Table 11): NeuroTrails 450 vs 250 (1.8x; static and SET alike), TreeNet 250, the full
+# ensemble 250 per member, pruning 250 + 250; ImageNet (Table 12): 270 vs 90 (3x), TreeNet 180,
+# pruning 2x; Tiny-ImageNet (Table 14): 200 vs 100. Fashion-MNIST takes the CIFAR-100 ratios.
+DENSE_EPOCHS = {"cifar100": 250, "tinyimagenet": 100, "imagenet": 90, "fashion-mnist": 15}
+PAPER_RATIOS = {  # keyed by Method.epochs
+    "cifar100": {"dense": 1, "treenet": 1, "sparse": 1.8, "pruning": 2},
+    "tinyimagenet": {"dense": 1, "treenet": 1, "sparse": 2, "pruning": 2},
+    "imagenet": {"dense": 1, "treenet": 2, "sparse": 3, "pruning": 2},
 }
+PAPER_RATIOS["fashion-mnist"] = PAPER_RATIOS["cifar100"]
 METHODS = list(neurotrails.METHODS)  # every method of the table runs here
 SCRIPT = "train_vision.py"  # the writer named in every checkpoint
 # Optimizer settings a --resume may change (e.g. a lower --lr after a divergence); recorded in
@@ -79,7 +83,7 @@ SCRIPT = "train_vision.py"  # the writer named in every checkpoint
 OPTIMIZER_CHANGES = ("lr", "momentum", "weight_decay")
 # Config keys that may differ between a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = {"data_dir", "out", "device", "workers", "bf16", "channels_last", "world_size", "resumed",
-                     *OPTIMIZER_CHANGES}
+                     *OPTIMIZER_CHANGES, "train_flops_vs_single", "infer_flops_vs_single"}  # these two follow from the rest
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,11 +106,7 @@ def resolve_config(args):
             cfg[key] = r[key]
     cfg["num_heads"] = neurotrails.num_heads_of(args.method, args.num_heads)
     cfg["sparsity"] = (r["sparsity"] if args.sparsity is None else args.sparsity) if method.sparse else 0.0
-    epochs = EPOCHS[args.dataset][method.epochs] if args.epochs is None else args.epochs
-    if args.extend_by_density:  # Evci et al. 2020: sparse runs may be extended by at most 1/(1-S)
-        dense_epochs = EPOCHS[args.dataset]["dense"] if args.epochs is None else args.epochs
-        epochs = math.floor(dense_epochs / (1 - cfg["sparsity"]))
-    cfg["epochs"] = epochs
+    cfg["dense_epochs"] = DENSE_EPOCHS[args.dataset] if args.dense_epochs is None else args.dense_epochs
     if not str(args.data_dir).strip():
         raise ValueError("--data-dir must name a folder, got ''")
     cfg["device"] = neurotrails.check_device(args.device) if args.device else \
@@ -124,16 +124,49 @@ def resolve_config(args):
         cfg["blocks_in_head"] = neurotrails.default_blocks_in_head(cfg["model"], num_blocks)
     neurotrails.validate(cfg["model"], cfg["num_heads"], cfg["blocks_in_head"], num_blocks, cfg["sparsity"],
                          method.full_ensemble)
+    cfg.update(budget(cfg, method))
+    epochs = cfg["epochs"]
     cfg["world_size"] = dist.get_world_size() if dist.is_initialized() else 1
     # The default folder names what makes runs differ, so a quick run never lands in a real run's folder.
     subsets = "".join(f"-{k}{v}" for k, v in (("train", args.train_subset), ("test", args.test_subset)) if v)
     cfg["out"] = args.out or (f"runs/{args.dataset}-{cfg['model']}-{args.method}-M{cfg['num_heads']}"
-                              f"-S{cfg['sparsity']}-e{epochs}{subsets}-seed{args.seed}")
+                              f"-S{cfg['sparsity']}-E{cfg['dense_epochs']}-{cfg['budget']}-e{epochs}{subsets}"
+                              f"-seed{args.seed}")
     if cfg["batch_size"] % cfg["world_size"]:
         raise ValueError(f"--batch-size {cfg['batch_size']} must be divisible by the {cfg['world_size']} processes")
     if method.sparse and cfg["sparsity"] == 0.0:
         raise ValueError(f"--method {args.method} needs --sparsity > 0 (use treenet for a dense multi-head run)")
     return cfg
+
+
+def budget(cfg, method):
+    """The method's epochs under cfg["budget"] (see neurotrails.method_budget) and what its run
+    costs relative to the single dense network trained for E = cfg["dense_epochs"]: inference
+    FLOPs per image and training FLOPs of the whole run (App. F; the masks' ER/ERK densities,
+    topology updates included)."""
+    step_cost, infer_cost = train_step_cost(cfg, method)
+    epochs = neurotrails.method_budget(cfg["budget"], cfg["dense_epochs"], PAPER_RATIOS[cfg["dataset"]][method.epochs],
+                                       cfg["sparsity"], lambda: step_cost)
+    return {"epochs": epochs, "train_flops_vs_single": round(step_cost * epochs / cfg["dense_epochs"], 4),
+            "infer_flops_vs_single": round(infer_cost, 4)}
+
+
+def train_step_cost(cfg, method):
+    """(training FLOPs per step, inference FLOPs per image), each / the single dense network's.
+    Pruning: dense for half the steps, then at density 1 - S (estimated as uniform: the global
+    magnitude pruning decides the layerwise densities only during the run)."""
+    r = RECIPES[cfg["dataset"]]
+
+    def cost(sparsity_, init, delta_t):
+        return evaluate.flops_report(cfg["model"], cfg["num_heads"], cfg["blocks_in_head"], sparsity_,
+                                     cfg["allocation"], init, method.full_ensemble, r["classes"], r["size"],
+                                     delta_t=delta_t, in_channels=r["channels"])
+    if method.prunes:
+        dense, pruned = cost(0.0, cfg["init"], 0), cost(cfg["sparsity"], "uniform", 0)
+        step = (dense["train_flops_per_step_vs_single"] + pruned["train_flops_per_step_vs_single"]) / 2
+        return step, pruned["infer_flops_vs_single"]
+    c = cost(cfg["sparsity"], cfg["init"], cfg["delta_t"] if method.evolves else 0)
+    return c["train_flops_per_step_vs_single"], c["infer_flops_vs_single"]
 
 
 def build_run(cfg, steps_per_epoch):
@@ -155,11 +188,12 @@ def build_run(cfg, steps_per_epoch):
 
 
 def lr_at(epoch, cfg):
-    """Step decay: lr x 0.1 from epoch int(f x E) on, f = 25%, 50%, 75% (App. E.2; int() as the
-    released code: with E = 450 the first decay is at epoch index 112, not 113). At least 1, so a
-    run of fewer than 4 epochs still starts at --lr."""
-    passed = sum(epoch >= max(1, int(f * cfg["epochs"])) for f in (0.25, 0.5, 0.75))
-    return cfg["lr"] * 0.1 ** passed
+    """Step decay: lr x 0.1 at 25 %, 50 % and 75 % of the E_m = cfg["epochs"] epochs (App. E.2).
+    `epoch` counts from 0 and may be fractional (epoch + step / steps per epoch). From 4 epochs on
+    the milestones are whole epochs int(f x E_m), as in the released code (E_m = 450: epoch 112,
+    not 113); shorter runs decay at f x E_m itself, mid-epoch, so three decays never fall together."""
+    milestones = [int(f * cfg["epochs"]) if cfg["epochs"] >= 4 else f * cfg["epochs"] for f in (0.25, 0.5, 0.75)]
+    return cfg["lr"] * 0.1 ** sum(epoch >= m for m in milestones)
 
 
 def prune_to_fixed_topology(net, cfg):
@@ -203,15 +237,15 @@ def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0, go
     autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=cfg["bf16"])
     record = None
     for epoch in range(start_epoch, cfg["epochs"]):
-        lr = lr_at(epoch, cfg)  # App. E.2: x0.1 at 25, 50 and 75 % of the epochs
-        for group in opt.param_groups:
-            group["lr"] = lr * group["lr_scale"]  # the heads' group: --head-lr-scale x lr
         net.train()
         start, loss_sum = time.perf_counter(), torch.zeros((), device=device)
         streams = [train_batches(train_data, cfg["batch_size"], cfg["seed"], epoch, i, cfg["dataset"], device,
                                  cfg["workers"], rank, world) for i in range(members)]
         for batches in tqdm(zip(*streams), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
                             leave=False, disable=rank != 0 or not sys.stderr.isatty()):
+            lr = lr_at(epoch + (step - epoch * steps_per_epoch) / steps_per_epoch, cfg)  # x0.1 at 25, 50, 75 %
+            for group in opt.param_groups:
+                group["lr"] = lr * group["lr_scale"]  # the heads' group: --head-lr-scale x lr
             step += 1
             if cfg["channels_last"]:
                 batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
@@ -423,9 +457,16 @@ def parse_args(argv=None):
                               delta_t_help=" (default: 100; ImageNet 1000)")
     ap.add_argument("--aggregate", default="probs", choices=["probs", "logits"],
                     help="ensemble prediction: mean of probabilities (paper) or of logits (released code)")
-    ap.add_argument("--epochs", type=int_in(1), default=None, help="override the paper's epochs for the method")
-    ap.add_argument("--extend-by-density", action="store_true",
-                    help="train floor(dense epochs / (1 - S)) epochs: the 1/(1-S) extension limit (Evci 2020)")
+    ap.add_argument("--epochs", dest="dense_epochs", type=int_in(1), default=None,
+                    help="E, the single dense network's epochs, from which --budget gives each method its own "
+                         "(default: the paper's, 250 CIFAR-100, 100 Tiny-ImageNet, 90 ImageNet; 15 Fashion-MNIST)")
+    ap.add_argument("--budget", default="paper", choices=neurotrails.BUDGETS,
+                    help="epochs per method: paper = the paper's ratio to E (Tables 11, 12, 14; CIFAR-100: "
+                         "NeuroTrails / static / SET 1.8x, TreeNet 1x, full ensemble 1x per member, pruning 2x; "
+                         "ImageNet: sparse 3x, TreeNet 2x, pruning 2x; Tiny-ImageNet: sparse 2x; Fashion-MNIST "
+                         "takes the CIFAR-100 ratios); equal = E for all; flops = the epochs whose training FLOPs "
+                         "equal the single network's at E; density = E / (1 - S) for sparse methods "
+                         "(default: paper)")
     ap.add_argument("--batch-size", type=int_in(1), default=None, help="images per step (128; ImageNet 256)")
     ap.add_argument("--lr", type=float_in(0, lo_open=True), default=None,
                     help="initial learning rate > 0 (0.1; ImageNet 0.256); may change on --resume")
@@ -437,7 +478,7 @@ def parse_args(argv=None):
     ap.add_argument("--test-subset", type=int_in(1), default=None, help="test on a fixed random subset of N images")
     ap.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,
                     help="seed of init, masks, data order and augmentation, in [0, 2^32)")
-    neurotrails.add_run_arguments(ap, "runs/<dataset>-<model>-<method>-M<M>-S<S>-e<epochs>-...-seed<seed>")
+    neurotrails.add_run_arguments(ap, "runs/<dataset>-<model>-<method>-M<M>-S<S>-E<E>-<budget>-e<epochs>-...-seed<seed>")
     neurotrails.add_sweep_arguments(ap)
     neurotrails.add_config_argument(ap)
     ap.add_argument("--workers", type=int_in(0, 256), default=0, help="DataLoader workers for ImageFolder datasets")

@@ -20,10 +20,10 @@ from test_train_lm import write_corpus
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 
 VISION = ["--dataset", "fashion-mnist", "--model", "wrn10-1", "--train-subset", "64", "--test-subset", "32",
-          "--batch-size", "16", "--epochs", "1", "--num-heads", "2", "--blocks-in-head", "2", "--delta-t", "2",
+          "--batch-size", "16", "--epochs", "1", "--budget", "equal", "--num-heads", "2", "--blocks-in-head", "2", "--delta-t", "2",
           "--data-dir", "{data}", "--out", "{out}"]
 LM = ["--dataset", "text", "--data-dir", "{corpus}", "--tokenizer", "{tok}", "--model", "llama-9m", "--seq-len", "16",
-      "--batch-size", "2", "--micro-batch-size", "1", "--updates", "2", "--eval-tokens", "50", "--out", "{out}"]
+      "--batch-size", "2", "--micro-batch-size", "1", "--updates", "2", "--budget", "equal", "--eval-tokens", "50", "--out", "{out}"]
 
 V, L = "train_vision", "train_lm"
 E, F, H, X, N = "evaluate", "evaluate flops", "evaluate lm-eval", "export_bench", "neurotrails"

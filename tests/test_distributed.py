@@ -34,7 +34,7 @@ def worker(rank, port, data_dir, out, result_dir):
     _, args = train_vision.parse_args(
         ["--dataset", "fashion-mnist", "--data-dir", data_dir, "--model", "wrn10-1", "--train-subset", "128",
          "--test-subset", "64", "--batch-size", "16", "--delta-t", "2", "--grow", "set", "--num-heads", "2",
-         "--blocks-in-head", "2", "--epochs", "2", "--out", out])
+         "--blocks-in-head", "2", "--epochs", "2", "--budget", "equal", "--out", out])
     cfg = train_vision.resolve_config(args)
     train, test = train_vision.load_data(cfg["dataset"], cfg["data_dir"], cfg["train_subset"], cfg["test_subset"])
     net, masks, opt = train_vision.build_run(cfg, 128 // 16)
@@ -69,7 +69,7 @@ def test_torchrun_cli_runs_two_processes(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(ROOT / "train_vision.py"), "--dataset", "fashion-mnist", "--data-dir", str(data_dir), "--model",
-         "wrn10-1", "--train-subset", "128", "--test-subset", "64", "--batch-size", "16", "--epochs", "1",
+         "wrn10-1", "--train-subset", "128", "--test-subset", "64", "--batch-size", "16", "--epochs", "1", "--budget", "equal",
          "--num-heads", "2", "--out", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]

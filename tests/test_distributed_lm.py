@@ -24,7 +24,7 @@ def free_port():
 def flags(corpus, tokenizer, out):
     return ["--dataset", "text", "--data-dir", str(corpus), "--tokenizer", str(tokenizer), "--model", "llama-9m",
             "--seq-len", "24", "--batch-size", "4", "--micro-batch-size", "1", "--eval-tokens", "200",
-            "--updates", "6", "--delta-t", "2", "--log-every", "3", "--eval-every", "6", "--out", str(out)]
+            "--updates", "6", "--budget", "equal", "--delta-t", "2", "--log-every", "3", "--eval-every", "6", "--out", str(out)]
 
 
 def train_once(argv, mask_seed, result):

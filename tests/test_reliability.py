@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion_mnist = pytest.mark.skipif(not DEBIAN.is_dir(), reason="needs the Debian package dataset-fashion-mnist")
 VISION = ["--dataset", "fashion-mnist", "--model", "wrn10-1", "--train-subset", "128", "--test-subset", "64",
-          "--batch-size", "32", "--delta-t", "2", "--num-heads", "2", "--blocks-in-head", "2"]
+          "--batch-size", "32", "--delta-t", "2", "--num-heads", "2", "--blocks-in-head", "2",
+          "--budget", "equal"]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,8 @@ def vision(data_dir, out, *extra):
 def lm(corpus, out, *extra):
     return ["--dataset", "text", "--data-dir", str(corpus), "--train-tokenizer", "300", "--model", "llama-9m",
             "--seq-len", "24", "--batch-size", "4", "--micro-batch-size", "2", "--eval-tokens", "300",
-            "--delta-t", "2", "--log-every", "1", "--eval-every", "100", "--out", str(out), *extra]
+            "--delta-t", "2", "--log-every", "1", "--eval-every", "100", "--budget", "equal", "--out", str(out),
+            *extra]
 
 
 def load(path):
@@ -136,10 +138,10 @@ def test_the_default_folder_names_what_makes_runs_differ():
         ["--dataset", "fashion-mnist", "--model", "wrn10-2", "--train-subset", "6000", "--epochs", "4"])[1])
     real = train_vision.resolve_config(train_vision.parse_args(["--dataset", "fashion-mnist", "--model", "wrn10-2"])[1])
     assert quick["out"] != real["out"]
-    assert "-e4-" in quick["out"] and "-train6000-" in quick["out"] and "-e15-" in real["out"]
+    assert "-E4-paper-e7-" in quick["out"] and "-train6000-" in quick["out"] and "-E15-paper-e27-" in real["out"]
     short, long_ = (train_lm.resolve_config(train_lm.parse_args(["--model", "llama-9m", "--updates", u])[1])["out"]
                     for u in ("150", "1000"))
-    assert short != long_ and "-u150-" in short
+    assert short != long_ and "-U150-paper-u166-" in short
 
 
 @needs_fashion_mnist

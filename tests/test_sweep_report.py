@@ -16,7 +16,8 @@ from test_train_vision import DEBIAN
 
 ROOT = Path(__file__).resolve().parents[1]
 VISION = ["--dataset", "fashion-mnist", "--model", "wrn10-1", "--train-subset", "128", "--test-subset", "64",
-          "--batch-size", "32", "--delta-t", "2", "--num-heads", "2", "--epochs", "1"]
+          "--batch-size", "32", "--delta-t", "2", "--num-heads", "2", "--epochs", "1",
+          "--budget", "equal"]
 needs_fmnist = pytest.mark.skipif(not DEBIAN.is_dir(), reason="needs the Debian package dataset-fashion-mnist")
 
 
@@ -316,7 +317,7 @@ def test_config_reruns_a_stored_run_and_flags_override_it(tmp_path):
     import train_vision
     for module, argv in ((train_vision, ["--dataset", "fashion-mnist", "--model", "wrn10-2", "--method", "treenet",
                                          "--epochs", "7", "--head-lr-scale", "3", "--train-subset", "500",
-                                         "--aggregate", "logits", "--extend-by-density", "--out", str(tmp_path / "a")]),
+                                         "--aggregate", "logits", "--budget", "density", "--out", str(tmp_path / "a")]),
                          (train_lm, ["--dataset", "text", "--data-dir", str(tmp_path), "--train-tokenizer", "300",
                                      "--model", "llama-9m", "--updates", "9", "--pack", "--seq-len", "64",
                                      "--out", str(tmp_path / "a")])):

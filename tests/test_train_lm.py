@@ -41,7 +41,7 @@ def corpus(tmp_path_factory):
 def tiny(corpus, out, *extra):
     return ["--dataset", "text", "--data-dir", str(corpus), "--train-tokenizer", "400", "--model", "llama-9m",
             "--seq-len", "32", "--batch-size", "4", "--micro-batch-size", "2", "--eval-tokens", "600",
-            "--log-every", "1", "--eval-every", "3", "--out", str(out), *extra]
+            "--log-every", "1", "--eval-every", "3", "--budget", "equal", "--out", str(out), *extra]
 
 
 def log(out):

@@ -21,7 +21,8 @@ DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(not DEBIAN.is_dir(), reason="needs the Debian package dataset-fashion-mnist "
                                 "(apt-get install dataset-fashion-mnist; .ci/run installs it)")
 TINY = ["--dataset", "fashion-mnist", "--model", "wrn10-1", "--train-subset", "256", "--test-subset", "128",
-        "--batch-size", "32", "--delta-t", "3", "--num-heads", "2", "--blocks-in-head", "2"]
+        "--batch-size", "32", "--delta-t", "3", "--num-heads", "2", "--blocks-in-head", "2",
+        "--budget", "equal"]
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +231,7 @@ def test_image_folder_datasets_train_through_the_dataloader(tmp_path):
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     out = tmp_path / "run"
     train_vision.main(["--dataset", "tinyimagenet", "--data-dir", str(tmp_path / "tiny"), "--model", "wrn10-1",
-                       "--num-heads", "2", "--batch-size", "4", "--epochs", "2", "--out", str(out)])
+                       "--num-heads", "2", "--batch-size", "4", "--epochs", "2", "--budget", "equal", "--out", str(out)])
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["step"] == 2 * (16 // 4)
     assert load(out / "last.pt")["config"]["blocks_in_head"] == 2
