@@ -786,8 +786,9 @@ def result_rows(runs, keys):
         row = {"run": str(r["path"]), "script": r["results"]["script"], **{k: cfg.get(k) for k in keys},
                "method": cfg["method"], "seed": cfg["seed"]}
         row.update({k: cfg[k] for k in BUDGET_COLUMNS if k in cfg})  # the budget: mode, E, own length, cost
-        if r["log"] and "acc" in r["log"][0]:  # the released code's number: the best test epoch (test selection)
-            best = max(r["log"], key=lambda e: e["acc"])
+        tested = [e for e in r["log"] if "acc" in e and "epoch" in e]
+        if tested:  # the released code's number: the best test epoch (test-set selection)
+            best = max(tested, key=lambda e: e["acc"])
             row.update(best_acc=best["acc"], best_epoch=best["epoch"])
         if "head_acc" in m:
             m = {**m, "head_acc_mean": sum(m["head_acc"]) / len(m["head_acc"])}
@@ -1123,17 +1124,21 @@ def flops_main(argv):
     ap.add_argument("--batch-size", type=int_in(1), default=128, help="examples per training step")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
-    try:
-        report = flops_report(args.model, args.num_heads, args.blocks_in_head, args.sparsity, args.allocation,
-                              args.init, args.full_ensemble, args.num_classes, args.image_size, args.seq_len,
-                              args.epochs, args.single_epochs, args.train_examples, args.delta_t, args.batch_size)
+    try:  # --init's allocation first, the other beside it: the paper's ratios are uniform's (README audit)
+        inits = [args.init] + [i for i in ("er", "uniform") if i != args.init]
+        reports = {init: flops_report(args.model, args.num_heads, args.blocks_in_head, args.sparsity,
+                                      args.allocation, init, args.full_ensemble, args.num_classes, args.image_size,
+                                      args.seq_len, args.epochs, args.single_epochs, args.train_examples,
+                                      args.delta_t, args.batch_size) for init in inits}
     except ValueError as e:
         ap.error(str(e))
     if args.json:
-        print(json.dumps(report))
-    else:
-        for k, v in report.items():
-            print(f"{k:<30} {v:.4g}" if isinstance(v, float) else f"{k:<30} {v:,}")
+        print(json.dumps(reports[args.init]))
+        return
+    print(f"{'':<30} " + " ".join(f"{'init ' + i + (' (ERK)' if i == 'er' else ''):>16}" for i in inits))
+    for k, v in reports[args.init].items():
+        cells = [reports[i][k] for i in inits]
+        print(f"{k:<30} " + " ".join(f"{c:>16.4g}" if isinstance(v, float) else f"{c:>16,}" for c in cells))
 
 
 PAPER_TASKS = "mmlu,boolq,arc_easy,piqa,hellaswag,openbookqa,winogrande"  # Table 5

@@ -6,10 +6,12 @@ Paper map (arXiv 2505.17909):
            ResNet-50 (ImageNet)                                   -> resnet50()
            LLaMA-130M / 350M via HuggingFace LlamaForCausalLM     -> llama()
   App. H.1 LLaMA-250M, the parameter-matched dense baseline       -> LLAMA_CONFIGS["llama-250m"]
-  Also: a CIFAR ResNet-18 and small LLaMA configs (9m/20m/60m) for quick runs and tests.
+  Also: a CIFAR ResNet-18, a small ViT (vit-<depth>-<width>) and small LLaMA configs (9m/20m/60m)
+  for quick runs and tests; any SplitNet a user builds splits the same way (neurotrails.build).
 
 Block counts L: WRN-d-k has 3 * (d - 4) / 6 blocks (12 for WRN-28-10), ResNet-50 16 bottlenecks,
-CIFAR ResNet-18 8 basic blocks, LLaMA one block per decoder layer (12 for 130M, 24 for 350M).
+CIFAR ResNet-18 8 basic blocks, ViT one block per encoder layer, LLaMA one block per decoder layer
+(12 for 130M, 24 for 350M).
 
 Also the tokenizer of a language model (load_tokenizer: a tokenizer.json, a local folder, the HF
 cache or the hub; never a repository's own code) and the hub checks it needs (offline_mode,
@@ -29,6 +31,7 @@ from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class SplitNet(nn.Module):
@@ -134,6 +137,73 @@ def resnet18_cifar(num_classes=100, in_channels=3):
 
 
 # ----------------------------------------------------------------------------------------------
+# A small vision transformer (Dosovitskiy et al. 2021): patch-embedding stem, pre-norm encoder
+# blocks, norm + token mean + linear tail. Not in the paper; it shows that the split is
+# model-agnostic (Sec. 3: "any network that is a composition of blocks").
+
+
+def sincos_2d(h, w, dim, device=None):
+    """Fixed 2-D sine-cosine position embedding, (h * w, dim): a quarter of the channels each for
+    sin / cos of the column and of the row, frequencies 1 / 10000^(i / (dim / 4))."""
+    rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, device=device) / (dim // 4))
+    x, y = cols.reshape(-1, 1) * omega, rows.reshape(-1, 1) * omega
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], 1)
+
+
+class PatchEmbed(nn.Module):
+    """Image (B, C, H, W) -> tokens (B, H/p * W/p, dim): a p x p stride-p conv, plus the position embedding."""
+
+    def __init__(self, in_channels, dim, patch):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, patch, patch)
+
+    def forward(self, x):
+        x = self.proj(x)
+        _, dim, h, w = x.shape
+        return x.flatten(2).transpose(1, 2) + sincos_2d(h, w, dim, x.device).to(x.dtype)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)). q, k, v and the output
+    projection are nn.Linear, so they are masked and counted like every other layer."""
+
+    def __init__(self, dim, heads, mlp_ratio=4):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        # softmax(q k^T / sqrt(d / heads)) v, per attention head
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        x = x + self.proj(attended)
+        return x + self.mlp(self.norm2(x))
+
+
+class TokenMean(nn.Module):
+    def forward(self, x):
+        return x.mean(1)
+
+
+def vit(depth=6, dim=64, num_classes=10, in_channels=1, patch=4, heads=4):
+    """ViT-depth-dim for small images (28 x 28 or 32 x 32 with 4 x 4 patches): stem = patch
+    embedding, blocks = `depth` encoder blocks, tail = LayerNorm + token mean + linear."""
+    if dim % 4 or dim % heads:
+        raise ValueError(f"ViT width must be a multiple of 4 and of {heads} heads, got {dim}")
+    net = SplitNet(PatchEmbed(in_channels, dim, patch), [EncoderBlock(dim, heads) for _ in range(depth)],
+                   nn.Sequential(nn.LayerNorm(dim), TokenMean(), nn.Linear(dim, num_classes)))
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+# ----------------------------------------------------------------------------------------------
 # LLaMA (Touvron et al. 2023) through HuggingFace transformers
 
 # (layers, hidden, ffn, attention heads). 130M/350M: paper App. C; 9m-60m and 250m are the
@@ -191,7 +261,8 @@ def is_language_model(name):
 
 
 def model_names():
-    return ["wrn<depth>-<width> (e.g. wrn28-10, wrn16-4)", "resnet18", "resnet50", *LLAMA_CONFIGS]
+    return ["wrn<depth>-<width> (e.g. wrn28-10, wrn16-4)", "resnet18", "resnet50", "vit-<depth>-<width> (e.g. vit-6-64)",
+            *LLAMA_CONFIGS]
 
 
 def build(name, num_classes=100, in_channels=3, vocab_size=32000):
@@ -199,6 +270,9 @@ def build(name, num_classes=100, in_channels=3, vocab_size=32000):
     wrn = re.fullmatch(r"wrn(\d+)-(\d+)", name)
     if wrn:
         return wide_resnet(int(wrn[1]), int(wrn[2]), num_classes, in_channels)
+    vit_size = re.fullmatch(r"vit-(\d+)-(\d+)", name)
+    if vit_size:
+        return vit(int(vit_size[1]), int(vit_size[2]), num_classes, in_channels)
     if name == "resnet18":
         return resnet18_cifar(num_classes, in_channels)
     if name == "resnet50":

@@ -30,18 +30,19 @@ Deviations from the released code (see README "Deviations"):
 """
 import argparse
 import errno
+import hashlib
 import itertools
 import json
 import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import quote
 
 import torch
 import torch.nn as nn
@@ -181,7 +182,8 @@ def default_blocks_in_head(model, num_blocks):
 
 
 def build(model, num_heads=3, blocks_in_head=None, full_ensemble=False, **model_kwargs):
-    """NeuroTrails / TreeNet / single / full-ensemble network from a base model name.
+    """NeuroTrails / TreeNet / single / full-ensemble network from a base model: a name of
+    models.build, or a function returning a fresh models.SplitNet (stem -> blocks -> tail).
 
     M base networks are built one after another from the current RNG state, so every head is
     independently initialised; the backbone is taken from the first. blocks_in_head = |F_h|;
@@ -190,7 +192,9 @@ def build(model, num_heads=3, blocks_in_head=None, full_ensemble=False, **model_
     """
     if not 1 <= num_heads <= MAX_HEADS:  # before building: 10^8 heads would never finish
         raise ValueError(f"--num-heads must be in [1, {MAX_HEADS}], got {num_heads}")
-    bases = [models.build(model, **model_kwargs) for _ in range(num_heads)]
+    # a name of models.build, or any function that returns a fresh models.SplitNet
+    bases = [models.build(model, **model_kwargs) if isinstance(model, str) else model(**model_kwargs)
+             for _ in range(num_heads)]
     num_blocks = len(bases[0].blocks)  # L
     if blocks_in_head is None:
         blocks_in_head = num_blocks if full_ensemble else default_blocks_in_head(model, num_blocks)
@@ -339,8 +343,10 @@ class Parser(argparse.ArgumentParser):
         # hide behind --o.
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
+    context = None  # set while checking values read from a file: errors then name it
+
     def error(self, message):
-        fail(self.prog, message, 2)
+        fail(self.prog, f"{self.context}: {message}" if self.context else message, 2)
 
     def fail(self, message):
         fail(self.prog, message, 1)
@@ -433,6 +439,7 @@ def check_writable_file(path, flag):
 
 
 RUN_FILES = ("log.jsonl", "last.pt", "config.json", "tokenizer.json", "results.json")  # what a training run writes
+REPLACED = ".replaced"  # --overwrite: the old run's files, kept until the new run's first checkpoint
 
 
 def check_run_folder(out, resume=None, overwrite=False):
@@ -444,16 +451,24 @@ def check_run_folder(out, resume=None, overwrite=False):
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
-    holds = [f for f in ("log.jsonl", "last.pt") if (out / f).exists()]
+    holds = held_run(out)
     own = _resumes_here(resume, out)
     if holds and not own and not overwrite:
-        raise ValueError(f"--out {out} already holds a run ({' and '.join(holds)}); continue it with "
-                         f"--resume {out / 'last.pt'}, or replace it with --overwrite")
+        how = f"continue it with --resume {out / 'last.pt'}, or " if (out / "last.pt").exists() else ""
+        raise ValueError(f"--out {out} already holds a run ({' and '.join(holds)}); {how}replace it with --overwrite")
     if _locked(out / ".lock"):
         raise ValueError(f"--out {out} is in use by another running process (see {out / '.lock'})")
     parent = next(p for p in [out, *out.resolve().parents] if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ValueError(f"--out {out}: cannot create or write it ({parent} is not writable)")
+
+
+def held_run(out):
+    """What in `out` makes it a run: a checkpoint, a log with lines, results. A run that stopped
+    before its first checkpoint and log line left only config.json: a re-run may start there."""
+    out = Path(out)
+    return [f for f in ("last.pt", "log.jsonl", "results.json")
+            if (out / f).exists() and (f != "log.jsonl" or (out / f).stat().st_size > 0)]
 
 
 def _resumes_here(resume, out):
@@ -520,9 +535,14 @@ class run_folder:
         _HELD_LOCKS.add(self.lock.fileno())
         own = _resumes_here(self.resume, self.out)
         (self.out / "last.pt.tmp").unlink(missing_ok=True)  # left by a kill during a save; we hold the lock
-        if self.overwrite and not own:
+        if self.overwrite and not own and held_run(self.out):
+            # the run it replaces goes aside, not away, until the new run saves its first checkpoint
+            # (save_checkpoint removes REPLACED); a run stopped before that gets it back (__exit__)
+            shutil.rmtree(self.out / REPLACED, ignore_errors=True)
+            (self.out / REPLACED).mkdir()
             for name in RUN_FILES:
-                (self.out / name).unlink(missing_ok=True)
+                if (self.out / name).exists():
+                    os.replace(self.out / name, self.out / REPLACED / name)
         if self.resume is not None and not own:  # the new folder is a whole run from the start
             try:  # a hard link costs nothing; saves replace it by rename, so the original stays as it is
                 os.link(self.resume, self.out / "last.pt")
@@ -531,15 +551,23 @@ class run_folder:
         return self.out
 
     def __exit__(self, *exc):
+        if (self.out / REPLACED).is_dir():  # stopped before its first checkpoint: the old run comes back
+            kept = {p.name for p in (self.out / REPLACED).iterdir()}
+            for name in RUN_FILES:  # what this run wrote (config.json, a log) goes; the old files return
+                if name in kept:
+                    os.replace(self.out / REPLACED / name, self.out / name)
+                else:
+                    (self.out / name).unlink(missing_ok=True)
+            shutil.rmtree(self.out / REPLACED, ignore_errors=True)
         _HELD_LOCKS.discard(self.lock.fileno())
         self.lock.close()  # closing releases the flock; the file itself stays (harmless)
         return False
 
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: a SHA-256 checksum of the state, verified on every load
 CHECKPOINT_KEYS = {  # what each script needs to resume exactly
-    "train_vision.py": ("config", "epoch", "step", "model", "optimizer", "masks", "rng"),
-    "train_lm.py": ("config", "update", "tokens", "model", "optimizer", "masks", "rng", "data"),
+    "train_vision.py": ("config", "epoch", "step", "model", "optimizer", "masks", "rng", "model_kwargs"),
+    "train_lm.py": ("config", "update", "tokens", "model", "optimizer", "masks", "rng", "data", "model_kwargs"),
 }
 
 
@@ -559,23 +587,51 @@ def nonfinite_tensor(state, prefix=""):
     return None
 
 
+def state_checksum(state):
+    """SHA-256 of a nested checkpoint state: every tensor's dtype, shape and bytes, every other
+    value's repr, dict keys in sorted order. A flipped or zeroed byte anywhere changes it."""
+    digest = hashlib.sha256()
+
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"T{t.dtype}{tuple(value.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                digest.update(f"K{key!r}".encode())
+                walk(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"L{len(value)}".encode())
+            for item in value:
+                walk(item)
+        else:
+            digest.update(f"V{value!r}".encode())
+    walk(state)
+    return digest.hexdigest()
+
+
 def save_checkpoint(path, script, state):
-    """Write {format, version, script, **state} atomically: a temporary file in the same folder,
-    fsync, rename over `path`, fsync of the folder, so a kill at any moment leaves either the old
-    or the new checkpoint whole. Refuses a state with a non-finite tensor (FloatingPointError);
-    a failed write (full disk, ...) removes the temporary file and raises OSError with one line,
-    the previous checkpoint intact."""
+    """Write {format, version, script, **state, checksum} atomically: a temporary file in the same
+    folder, fsync, rename over `path`, fsync of the folder, so a kill at any moment leaves either
+    the old or the new checkpoint whole. Refuses a state with a non-finite tensor
+    (FloatingPointError); a failed write (full disk, ...) removes the temporary file and raises
+    OSError with one line, the previous checkpoint intact."""
     bad = nonfinite_tensor(state)
     if bad:
         raise FloatingPointError(f"{bad} holds NaN or inf")
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    state = {**{k: v for k, v in state.items() if k != "checksum"}, "format": "neurotrails",
+             "version": CHECKPOINT_VERSION, "script": script}
+    state["checksum"] = state_checksum(state)
     try:
         with open(tmp, "wb") as f:
-            torch.save({"format": "neurotrails", "version": CHECKPOINT_VERSION, "script": script, **state}, f)
+            torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        shutil.rmtree(path.parent / REPLACED, ignore_errors=True)  # --overwrite: the old run is now replaced
         folder = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(folder)
@@ -591,37 +647,35 @@ def save_checkpoint(path, script, state):
                       f"{kept}") from None
 
 
-def checkpoint_script(state):
-    """Which script wrote a loaded checkpoint; files from before the format field by their keys."""
-    if state.get("format") == "neurotrails":
-        return state.get("script")
-    if "config" in state and "data" in state:
-        return "train_lm.py"
-    if "config" in state and "epoch" in state:
-        return "train_vision.py"
-    return None
-
-
 def load_checkpoint(path, script=None, flag="--resume", config=None, may_differ=(), mmap=False):
-    """A checkpoint of this project as a dict (CPU tensors, weights_only), checked: one-line
-    ValueError for a file that is not one, was written by another script than `script`, lacks
-    what that script needs, or (given the resuming run's config) has a config that differs in a
-    key outside may_differ. mmap: map the file instead of reading it (to look at a few keys)."""
+    """A checkpoint of this project as a dict (CPU tensors, weights_only), verified: one-line
+    ValueError for a file that is not one, is corrupted (checksum), holds NaN or inf, was written
+    by another script than `script`, or (given the resuming run's config) has a config that
+    differs in a key outside may_differ. mmap: map the file and read only its config and script
+    (no verification: nothing of the weights is used)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{flag} {path}: no such checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
-        raise ValueError(f"{flag} {path}: not a checkpoint of this project (unreadable: {type(e).__name__})") from None
-    writer = checkpoint_script(state) if isinstance(state, dict) else None
-    if writer not in CHECKPOINT_KEYS:
+        raise ValueError(f"{flag} {path}: not a checkpoint of this project (unreadable: {type(e).__name__}; "
+                         "a checkpoint of it is then corrupted or truncated)") from None
+    if not isinstance(state, dict) or state.get("format") != "neurotrails" or state.get("script") not in CHECKPOINT_KEYS:
         raise ValueError(f"{flag} {path}: not a checkpoint of this project (no train_vision.py / train_lm.py state)")
-    if state.get("version", 1) > CHECKPOINT_VERSION:
-        raise ValueError(f"{flag} {path}: checkpoint format {state['version']} is newer than this code's "
-                         f"{CHECKPOINT_VERSION}; update the code")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{flag} {path}: checkpoint format {state.get('version')}, this code reads format "
+                         f"{CHECKPOINT_VERSION} only; use the project's version that wrote it")
+    writer = state["script"]
     if script is not None and writer != script:
         raise ValueError(f"{flag} {path}: written by {writer}, not {script}; use {writer} for it")
-    state["script"] = writer  # also for files from before the format field
+    if not mmap:
+        stored = state.pop("checksum", None)
+        if stored != state_checksum(state):
+            raise ValueError(f"{flag} {path}: corrupted (its contents do not match the checksum saved with it); "
+                             "use an earlier copy or start the run again")
+        bad = nonfinite_tensor(state)
+        if bad:
+            raise ValueError(f"{flag} {path}: {bad} holds NaN or inf; this checkpoint cannot be used")
     missing = [k for k in CHECKPOINT_KEYS[writer] if k not in state]
     if missing:
         raise ValueError(f"{flag} {path}: incomplete {writer} checkpoint (lacks {', '.join(missing)})")
@@ -637,22 +691,10 @@ def load_checkpoint(path, script=None, flag="--resume", config=None, may_differ=
 def model_from_checkpoint(state, device="cpu"):
     """The network of a loaded checkpoint, with its weights: what evaluate.py and export_bench.py
     read. The config says which network (model, method, M, |F_h|); model_kwargs its in/out sizes."""
-    kwargs = state.get("model_kwargs") or _sizes_from_weights(state["model"])  # the latter: files before format 1
     with torch.device(device):  # not meta: non-persistent buffers (LLaMA's rotary frequencies) are built, not saved
-        net = build_from_config(state["config"], **kwargs)
+        net = build_from_config(state["config"], **state["model_kwargs"])
     net.load_state_dict(state["model"])
     return net
-
-
-def _sizes_from_weights(weights):
-    """model_kwargs of a checkpoint written before they were stored, read off the weights' shapes:
-    a 2-D stem is LLaMA's token embedding (vocab x d); a 4-D one a conv (its input channels), and
-    the classifier is head 0's last 2-D weight (classes x features)."""
-    stem = weights.get("backbone.stem.weight", weights.get("heads.0.stem.weight"))
-    if stem.dim() == 2:
-        return {"vocab_size": stem.shape[0]}
-    classifier = [w for n, w in weights.items() if n.startswith("heads.0.") and w.dim() == 2][-1]
-    return {"in_channels": stem.shape[1], "num_classes": classifier.shape[0]}
 
 
 def restore(state, net, optimizer, **settings):
@@ -706,6 +748,10 @@ CONFIG_NOT_CARRIED = ("out", "device", "bf16", "channels_last", "world_size", "r
                       "resume", "overwrite", "compare")
 
 
+# Keys of a stored config that follow from the others (the method's own budget and its cost).
+CONFIG_DERIVED = ("epochs", "updates", "train_flops_vs_single", "infer_flops_vs_single")
+
+
 def add_config_argument(ap):
     ap.add_argument("--config", default=None, metavar="RUN.json",
                     help="start from a stored run's settings (its config.json or results.json); flags given "
@@ -722,19 +768,27 @@ def with_config(ap, argv):
         return argv
     try:
         stored = json.loads(Path(path).read_text())
-        stored = stored.get("config", stored)  # results.json keeps the config under "config"
+        if isinstance(stored, dict) and isinstance(stored.get("config"), dict):
+            stored = stored["config"]  # results.json keeps the config under "config"
         if not isinstance(stored, dict):
-            raise ValueError("not a JSON object")
+            raise ValueError(f"holds a JSON {type(stored).__name__}, not an object of settings")
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         ap.error(f"--config {path}: not a run's config.json or results.json "
                  f"({e.strerror if isinstance(e, OSError) else e})")
     # every dest of this command line -> its flag (--epochs stores E as dense_epochs)
     flags = {a.dest: a.option_strings[0] for a in ap._actions if a.option_strings}
+    unknown = [k for k in stored if k not in flags and k not in CONFIG_NOT_CARRIED and k not in CONFIG_DERIVED]
+    if unknown:
+        ap.error(f"--config {path}: unknown key {unknown[0]!r} (not a setting of {ap.prog}; check its spelling "
+                 "against --help, which names each flag, key = flag without -- and with _ for -)")
     carried = []
     for key, value in stored.items():
-        if key not in flags or key in CONFIG_NOT_CARRIED or value is None or value is False:
+        if key in CONFIG_NOT_CARRIED or key in CONFIG_DERIVED or value is None or value is False:
             continue
         carried += [flags[key]] + ([] if value is True else [str(value)])
+    ap.context = f"--config {path}"  # a bad stored value is reported with the file it came from
+    ap.parse_args(carried)
+    ap.context = None
     return carried + argv
 
 
@@ -806,7 +860,8 @@ def sweep_grid(specs, seeds, default_seed=0):
     for seed in seeds:
         for values in itertools.product(*(v for _, v in axes)):
             flags = [(f, v) for (f, _), v in zip(axes, values)]
-            name = "_".join(f"{f[2:]}={v}" for f, v in flags + [("--seed", seed)]).replace("/", "-")
+            # values quoted (/ -> %2F): distinct values never share a folder
+            name = "_".join(f"{f[2:]}={quote(str(v), safe='.,+-=@')}" for f, v in flags + [("--seed", seed)])
             grid.append((name, flags, seed))
     return grid
 
@@ -824,53 +879,72 @@ def sweep_argv(argv):
     return kept
 
 
-def run_sweep(script, argv, args, check):
-    """Run every point of `args.sweep` x `args.seeds` as `python script <flags>` in --out/<name>.
+# Config keys that say where or how a run ran, not what it computes: a finished point whose stored
+# config differs from the current one only in these is still finished.
+SWEEP_SAME_RUN = ("out", "device", "workers", "data_workers", "world_size", "resumed", "eval_every", "log_every",
+                  "save_every", "stop_after", "data_dir")
 
-    check(point_argv) validates one point's whole command line (raises ValueError or exits):
-    every point is checked before the first one runs. A point whose folder holds results.json is
-    finished and skipped; one with a last.pt is resumed from it; otherwise it starts (a folder a
-    killed run left before its first checkpoint has nothing to lose and is replaced); one whose
-    folder is locked by a running process is left to it, so several processes (one per core or GPU)
-    can run the same sweep command side by side and share its grid. A point that
-    fails is reported and the sweep goes on; the exit code is 1 if any failed. A point killed by a
-    signal stops the sweep (exit code 1), to be continued by the same command.
+
+def config_differences(stored, now):
+    """Keys whose values differ between a stored run config and the one a point would run now."""
+    keys = (set(stored) | set(now)) - set(SWEEP_SAME_RUN)
+    return sorted(k for k in keys if json.dumps(stored.get(k), sort_keys=True) != json.dumps(now.get(k), sort_keys=True))
+
+
+def run_sweep(main, argv, args, resolve):
+    """Run every point of `args.sweep` x `args.seeds` in this process, each as main(<point's flags>)
+    in --out/<name>. resolve(point argv) -> the point's config (ValueError names a bad flag): every
+    point is resolved before the first one runs. Each run seeds itself from its config (model,
+    masks, data order), so a point does not depend on the points before it.
+
+    A point is finished (skipped) when its folder holds results.json of the same config; one whose
+    stored config differs is reported (re-run with --overwrite); one with a last.pt resumes from it;
+    one whose folder another process has locked is left to it, so several processes (one per core or
+    GPU) can share a grid. A failing point is reported and the sweep goes on; exit code 1 then.
+    Ctrl-C stops the sweep; the same command continues it.
     """
     if not args.out:
         raise ValueError("--sweep / --seeds need --out DIR, the folder that holds one run folder per point")
     if args.compare or args.resume:
         raise ValueError("--sweep / --seeds run their own points: sweep method=... instead of --compare, "
                          "and re-run the same command instead of --resume")
-    grid, base = sweep_grid(args.sweep, args.seeds, args.seed), sweep_argv(argv)
-    points = [(name, [*base, *(t for f, v in flags for t in (f, v)), "--seed", str(seed), "--out",
-                      str(Path(args.out) / name)]) for name, flags, seed in grid]
-    for name, point in points:
+    grid, base = sweep_grid(args.sweep, args.seeds, args.seed), [t for t in sweep_argv(argv) if t != "--overwrite"]
+    points = []
+    for name, flags, seed in grid:
+        point = [*base, *(t for f, v in flags for t in (f, v)), "--seed", str(seed), "--out", str(Path(args.out) / name)]
         try:
-            check(point)
+            points.append((name, point, resolve(point)))
         except ValueError as e:
             raise ValueError(f"sweep point {name}: {e}") from None
-    failed, elsewhere, start = [], [], time.perf_counter()
-    for i, (name, point) in enumerate(points, 1):
-        folder = Path(args.out) / name
-        head = f"[{i}/{len(points)}] {name}"
-        if (folder / "results.json").exists():
-            print(f"{head}: finished, skipped", flush=True)
-            continue
-        if _locked(folder / ".lock"):  # another sweep of the same grid runs it: several workers share a grid
+    failed, stale, elsewhere, start = [], [], [], time.perf_counter()
+    for i, (name, point, config) in enumerate(points, 1):
+        folder, head = Path(args.out) / name, f"[{i}/{len(points)}] {name}"
+        if _locked(folder / ".lock"):  # another process of the same grid runs it
             print(f"{head}: in use by another process, left to it", flush=True)
             elsewhere.append(name)
             continue
-        if (folder / "last.pt").exists():
+        stored = _stored_config(folder)
+        differs = config_differences(stored, config) if stored is not None else []
+        if differs and not args.overwrite:
+            print(f"{head}: NOT re-run: its stored run differs in {', '.join(differs[:4])}; --overwrite re-runs it",
+                  flush=True)
+            stale.append(name)
+            continue
+        if (folder / "results.json").exists() and not differs:
+            print(f"{head}: finished, skipped", flush=True)
+            continue
+        if (folder / "last.pt").exists() and not differs:
             point, what = point + ["--resume", str(folder / "last.pt")], "resuming"
-        else:
-            point, what = point + (["--overwrite"] if folder.exists() else []), "running"
+        else:  # nothing there, only a config (stopped before its first checkpoint), or a differing run
+            point, what = point + (["--overwrite"] if held_run(folder) else []), "running"
         print(f"{head}: {what} -> {folder}", flush=True)
         t0 = time.perf_counter()
-        code = subprocess.run([sys.executable, str(Path(script).resolve()), *point]).returncode
-        if code < 0:  # killed by a signal (someone is stopping the work): stop here, resumable
-            raise ValueError(f"sweep point {name} was stopped by signal {-code}; the sweep stops too; re-run the "
-                             "same command to continue (finished points are skipped, this one resumes)")
-        if code and _locked(folder / ".lock"):  # another worker took the point in the same instant
+        try:
+            main(point)
+            code = 0
+        except SystemExit as e:  # the trainer's one-line error was printed
+            code = e.code if isinstance(e.code, int) else 1
+        if code and _locked(folder / ".lock"):  # another process took the point in the same instant
             print(f"{head}: in use by another process, left to it", flush=True)
             elsewhere.append(name)
         elif code:
@@ -881,10 +955,23 @@ def run_sweep(script, argv, args, check):
     total = f"{len(points)} points in {time.perf_counter() - start:.0f} s"
     if elsewhere:
         total += f" ({len(elsewhere)} left to the processes running them: {', '.join(elsewhere)})"
-    if failed:
-        raise ValueError(f"sweep: {len(failed)} of {total} failed: {', '.join(failed)}; re-run the same command "
-                         f"to retry them (finished points are skipped)")
+    if failed or stale:
+        raise ValueError(f"sweep: {len(failed)} of {total} failed{': ' + ', '.join(failed) if failed else ''}"
+                         + (f"; {len(stale)} differ from their stored runs (not re-run; --overwrite re-runs them): "
+                            f"{', '.join(stale)}" if stale else "")
+                         + "; re-run the same command to retry (finished points are skipped)")
     print(f"sweep: {total}; report: python evaluate.py report {args.out} --out REPORT", flush=True)
+
+
+def _stored_config(folder):
+    """The config a point's folder holds (results.json's, else config.json's), or None."""
+    for name in ("results.json", "config.json"):
+        try:
+            data = json.loads((Path(folder) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        return data.get("config", data) if name == "results.json" else data
+    return None
 
 
 def machine_info():
@@ -924,17 +1011,21 @@ def package_versions():
 
 
 def git_commit():
-    """The project's git commit (with "-dirty" if tracked files changed), or None outside a clone."""
-    here = Path(__file__).resolve().parent
+    """The project's git commit, read from .git (no process is started), or None outside a clone."""
+    git = Path(__file__).resolve().parent / ".git"
     try:
-        run = lambda *a: subprocess.run(["git", "-C", str(here), *a], capture_output=True, text=True, timeout=10)
-        head = run("rev-parse", "HEAD")
-        if head.returncode:
-            return None
-        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
-        return head.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head  # a detached HEAD names the commit itself
+        ref = head[5:]
+        if (git / ref).is_file():
+            return (git / ref).read_text().strip()
+        for line in (git / "packed-refs").read_text().splitlines():  # after git gc
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except OSError:
+        pass
+    return None
 
 
 def write_results(out, script, config, record, wall_time_s):

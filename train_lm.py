@@ -378,14 +378,15 @@ def run(cfg, resume=None, overwrite=False):
             dist.barrier()
         described = {"tokenizer_json": tokenizer_json, "model_kwargs": {"vocab_size": len(tokenizer)}}
         record = train(cfg, net, masks, opt, stream, val_batches, start, tokens, described, resume, changed)
-    if rank != 0:
-        return None
-    if record is None or "ppl" not in record:  # resumed a finished run, or stopped between evaluations
-        record = dict(record or {}, **evaluate.perplexity(net, val_batches, bf16_autocast(cfg)))
-    record.update(evaluate.parameter_counts(net), **cost_vs_single(net, cfg, len(tokenizer)))
-    end = min(cfg["updates"], start + cfg["stop_after"]) if cfg["stop_after"] else cfg["updates"]
-    if end == cfg["updates"]:  # the whole budget: results.json marks the run finished
-        print(f"wrote {neurotrails.write_results(out, SCRIPT, cfg, record, time.perf_counter() - began)}", flush=True)
+        if rank != 0:
+            return None
+        if record is None or "ppl" not in record:  # resumed a finished run, or stopped between evaluations
+            record = dict(record or {}, **evaluate.perplexity(net, val_batches, bf16_autocast(cfg)))
+        record.update(evaluate.parameter_counts(net), **cost_vs_single(net, cfg, len(tokenizer)))
+        end = min(cfg["updates"], start + cfg["stop_after"]) if cfg["stop_after"] else cfg["updates"]
+        if end == cfg["updates"]:  # the whole budget: results.json marks it finished, written under the lock
+            print(f"wrote {neurotrails.write_results(out, SCRIPT, cfg, record, time.perf_counter() - began)}",
+                  flush=True)
     return record
 
 
@@ -489,8 +490,8 @@ def main(argv=None):
         return eval_only(argv[1:])
     ap, args = parse_args(argv)
     try:
-        if args.sweep or args.seeds:  # one process per point: `python train_lm.py <point's flags>`
-            return neurotrails.run_sweep(__file__, argv, args, lambda a: resolve_config(parse_args(a)[1]))
+        if args.sweep or args.seeds:  # every point in this process: main(<point's flags>)
+            return neurotrails.run_sweep(main, argv, args, lambda a: resolve_config(parse_args(a)[1]))
     except ValueError as e:
         ap.fail(e)
     neurotrails.init_distributed()

@@ -82,7 +82,7 @@ SCRIPT = "train_vision.py"  # the writer named in every checkpoint
 # config["resumed"] and in the log.
 OPTIMIZER_CHANGES = ("lr", "momentum", "weight_decay")
 # Config keys that may differ between a checkpoint and the run resuming it.
-RESUMABLE_CHANGES = {"data_dir", "out", "device", "workers", "bf16", "channels_last", "world_size", "resumed",
+RESUMABLE_CHANGES = {"data_dir", "out", "device", "workers", "eval_every", "bf16", "channels_last", "world_size", "resumed",
                      *OPTIMIZER_CHANGES, "train_flops_vs_single", "infer_flops_vs_single"}  # these two follow from the rest
 
 
@@ -291,17 +291,21 @@ def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0, go
             raise FloatingPointError(f"{bad} is NaN or inf after epoch {epoch + 1}; nothing was saved; "
                                      f"{neurotrails.last_good(good)}")
 
-        # Every epoch, rank 0: the test metrics and one log line (the test set never selects anything).
+        # Every --eval-every epochs and at the last, rank 0: the test metrics (the test set never
+        # selects anything); every epoch one log line.
         if rank == 0:
+            evaluated = (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]
             record = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": loss_sum.item() / steps_per_epoch,
-                      **test_metrics(net, test_data, cfg), "density": neurotrails.component_densities(net, masks),
+                      **(test_metrics(net, test_data, cfg) if evaluated else {}),
+                      "density": neurotrails.component_densities(net, masks),
                       "epoch_time_s": train_time, "ms_per_step": 1000 * train_time / steps_per_epoch}
             if changed and epoch == start_epoch:
                 record["resumed_with"] = changed
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            print(f"epoch {epoch + 1} | loss {record['train_loss']:.3f} | lr {lr:.4g} | acc {100 * record['acc']:.1f}% "
-                  f"| nll {record['nll']:.3f} | ece {record['ece']:.3f} | pd {100 * record['pd_any']:.1f}% | "
+            test = (f"| acc {100 * record['acc']:.1f}% | nll {record['nll']:.3f} | ece {record['ece']:.3f} "
+                    f"| pd {100 * record['pd_any']:.1f}% " if evaluated else "")
+            print(f"epoch {epoch + 1}/{cfg['epochs']} | loss {record['train_loss']:.3f} | lr {lr:.4g} {test}| "
                   f"{record['ms_per_step']:.0f} ms/step", flush=True)
 
         # Every epoch, rank 0: the checkpoint (atomic; the other ranks wait for it).
@@ -352,13 +356,14 @@ def run(cfg, resume=None, overwrite=False):
         if dist.is_initialized():
             dist.barrier()
         record = train(cfg, net, masks, opt, train_data, test_data, start_epoch, step, resume, changed)
-    if rank != 0:
-        return None
-    if record is None:  # resumed a finished run: its result is the model as saved
-        record = {"epoch": start_epoch, "step": step, **test_metrics(net, test_data, cfg)}
-    example = next(test_batches(test_data, 1, cfg["dataset"], cfg["device"]))[0]
-    record.update(evaluate.parameter_counts(net), **cost_vs_single(net, cfg, example))
-    print(f"wrote {neurotrails.write_results(out, SCRIPT, cfg, record, time.perf_counter() - began)}", flush=True)
+        if rank != 0:
+            return None
+        if record is None:  # resumed a finished run: its result is the model as saved
+            record = {"epoch": start_epoch, "step": step, **test_metrics(net, test_data, cfg)}
+        example = next(test_batches(test_data, 1, cfg["dataset"], cfg["device"]))[0]
+        record.update(evaluate.parameter_counts(net), **cost_vs_single(net, cfg, example))
+        # results.json marks the run finished: written while the folder is still locked
+        print(f"wrote {neurotrails.write_results(out, SCRIPT, cfg, record, time.perf_counter() - began)}", flush=True)
     return record
 
 
@@ -481,6 +486,8 @@ def parse_args(argv=None):
     neurotrails.add_run_arguments(ap, "runs/<dataset>-<model>-<method>-M<M>-S<S>-E<E>-<budget>-e<epochs>-...-seed<seed>")
     neurotrails.add_sweep_arguments(ap)
     neurotrails.add_config_argument(ap)
+    ap.add_argument("--eval-every", type=int_in(1), default=1,
+                    help="epochs between test evaluations (the last epoch is always evaluated; default: 1)")
     ap.add_argument("--workers", type=int_in(0, 256), default=0, help="DataLoader workers for ImageFolder datasets")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                     help="channels-last memory format (default: on with CUDA)")
@@ -494,8 +501,8 @@ def main(argv=None):
         return eval_only(argv[1:])
     ap, args = parse_args(argv)
     try:
-        if args.sweep or args.seeds:  # one process per point: `python train_vision.py <point's flags>`
-            return neurotrails.run_sweep(__file__, argv, args, lambda a: resolve_config(parse_args(a)[1]))
+        if args.sweep or args.seeds:  # every point in this process: main(<point's flags>)
+            return neurotrails.run_sweep(main, argv, args, lambda a: resolve_config(parse_args(a)[1]))
     except ValueError as e:
         ap.fail(e)
     neurotrails.init_distributed()
@@ -617,12 +624,16 @@ def train_batches(data, batch_size, seed, epoch, member, dataset, device, worker
 
 def augment(x, g, pad=4):
     """Pad-4 random crop + random horizontal flip of a uint8 batch, with generator g."""
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))  # zeros around, as torchvision's RandomCrop(padding=4)
-    dx, dy = torch.randint(0, 2 * pad + 1, (2, n), generator=g).tolist()
-    flip = torch.rand(n, generator=g) < 0.5
-    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-    return torch.where(flip[:, None, None, None], out.flip(3), out)
+    dx, dy = torch.randint(0, 2 * pad + 1, (2, n), generator=g).to(x.device)
+    flip = (torch.rand(n, generator=g) < 0.5).to(x.device)
+    # image i's crop: rows dy_i .. dy_i + h - 1, columns dx_i .. dx_i + w - 1, read right to left if flipped
+    rows = dy[:, None] + torch.arange(h, device=x.device)
+    cols = dx[:, None] + torch.where(flip[:, None], torch.arange(w - 1, -1, -1, device=x.device),
+                                     torch.arange(w, device=x.device))
+    index = torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[index[0], index[1], rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def normalize(x, dataset):

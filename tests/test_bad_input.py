@@ -321,7 +321,7 @@ def files(tmp_path_factory):
         shutil.copytree(root / "vrun", f.setdefault("run", root / "run"))
         state = torch.load(f["vckpt"], weights_only=True)
         del state["optimizer"]
-        torch.save(state, f.setdefault("lacking", root / "lacking.pt"))
+        neurotrails.save_checkpoint(f.setdefault("lacking", root / "lacking.pt"), "train_vision.py", state)
     train_lm.main([a.format(corpus=f["corpus"], tok=f["tok"], out=root / "lmrun") for a in LM])
     f["lmckpt"], f["lmlog"], f["lmrun"] = root / "lmrun" / "last.pt", root / "lmrun" / "log.jsonl", root / "lmrun"
     return f

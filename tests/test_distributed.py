@@ -73,6 +73,6 @@ def test_torchrun_cli_runs_two_processes(tmp_path):
          "--num-heads", "2", "--out", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert [out.stdout.count(s) for s in ("config {", "epoch 1 |", "acc %")] == [1, 1, 1]  # rank 0 alone prints
+    assert [out.stdout.count(s) for s in ("config {", "epoch 1/1 |", "acc %")] == [1, 1, 1]  # rank 0 alone prints
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ckpt["config"]["world_size"] == 2 and ckpt["step"] == 128 // 16

@@ -59,12 +59,15 @@ def load(path):
 
 def assert_same_checkpoint(a, b, path="", ignore=("out", "resumed")):
     """Every tensor bitwise equal (weights, masks, optimizer state, every RNG state), every other
-    value equal, except config entries that name the folder or the resume history."""
+    value equal, except config entries that name the folder or the resume history (and so the
+    checksum over the whole state, which covers them)."""
     assert type(a) is type(b), path
     if isinstance(a, dict):
         keys = set(a) | set(b)
         if path.endswith("config"):
             keys -= set(ignore)
+        if path == "":
+            keys -= {"checksum"}
         for k in keys:
             assert k in a and k in b, f"{path}.{k} missing on one side"
             assert_same_checkpoint(a[k], b[k], f"{path}.{k}", ignore)
@@ -366,7 +369,7 @@ def test_evaluate_never_writes_where_the_checkpoint_points(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     state["config"]["data_dir"] = str(elsewhere)  # e.g. a checkpoint from another machine
-    torch.save(state, tmp_path / "moved.pt")
+    neurotrails.save_checkpoint(tmp_path / "moved.pt", "train_vision.py", state)
     evaluate_py = [sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(tmp_path / "moved.pt"), "--json"]
     out = subprocess.run(evaluate_py, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 1 and "could not be loaded" in out.stderr and len(out.stderr.strip().splitlines()) == 1
@@ -431,3 +434,69 @@ def test_twenty_random_sigkills_of_an_lm_run_lose_nothing(corpus, tmp_path):
                                      tmp_path / "b", 20, 0.0, 2.0)
     assert unloadable == 0 and len(set(progress)) >= 10, progress  # the kills landed all along the run
     assert_same_checkpoint(load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged checkpoints: a checksum of the state is verified on every load; NaN weights are refused
+
+
+def damage_checkpoint(source, target, how):
+    """A copy of `source` with 4 KiB zeroed or 32 bytes flipped in its tensor data, cut in half, or
+    a NaN weight saved with a matching checksum (as a buggy tool or a hand edit would leave it)."""
+    blob = bytearray(source.read_bytes())
+    middle = len(blob) // 2
+    if how == "zeroed":
+        blob[middle:middle + 4096] = bytes(4096)
+    elif how == "flipped":
+        for i in range(32):
+            blob[middle + 97 * i] ^= 0xFF
+    elif how == "truncated":
+        blob = blob[:middle]
+    else:
+        state = load(source)
+        name = next(k for k, v in state["model"].items() if v.is_floating_point() and v.dim() >= 2)
+        state["model"][name].view(-1)[0] = float("nan")
+        state.pop("checksum")
+        state["checksum"] = neurotrails.state_checksum(state)
+        torch.save(state, target)
+        return
+    target.write_bytes(bytes(blob))
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize("how", ["zeroed", "flipped", "truncated", "nan"])
+def test_damaged_checkpoints_are_refused_for_resume_evaluation_and_export(how, data_dir, tmp_path, capsys):
+    import export_bench
+    train_vision.main(vision(data_dir, tmp_path / "run", "--epochs", "1"))
+    bad = tmp_path / "bad" / "last.pt"
+    bad.parent.mkdir()
+    damage_checkpoint(tmp_path / "run" / "last.pt", bad, how)
+    before = bad.read_bytes()
+    capsys.readouterr()
+    expected = "holds NaN or inf" if how == "nan" else "corrupted"
+    for main, argv in ((train_vision.main, vision(data_dir, tmp_path / "bad", "--epochs", "2", "--resume", str(bad))),
+                       (train_vision.main, ["--eval-only", "--checkpoint", str(bad)]),
+                       (export_bench.main, ["export", "--checkpoint", str(bad), "--out", str(tmp_path / "m.onnx")])):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 1 and len(err.splitlines()) == 1 and expected in err and str(bad) in err, err
+    assert bad.read_bytes() == before and not (tmp_path / "m.onnx").exists()  # nothing written over it
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"modle": "wrn10-2"}, "unknown key 'modle'"),
+    ({"config": {"learning_rate": 0.1}}, "unknown key 'learning_rate'"),
+    ([1, 2], "holds a JSON list, not an object of settings"),
+    ("wrn10-2", "holds a JSON str, not an object of settings"),
+    ({"lr": -1}, "argument --lr: must be a finite number > 0, got -1"),
+])
+def test_config_files_with_unknown_keys_or_bad_values_are_refused_naming_the_file(content, message, tmp_path,
+                                                                                    capsys):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(SystemExit) as exit_:
+        train_vision.parse_args(["--config", str(path), "--dataset", "fashion-mnist"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"--config {path}" in err and message in err, err

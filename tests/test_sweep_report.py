@@ -36,7 +36,7 @@ def test_grid_is_the_product_of_the_axes_with_seeds_outermost():
         f"blocks-in-head={b}_method={m}_seed={s}" for s in (3, 5) for b in (1, 2) for m in ("single", "treenet")]
     assert grid[1][1] == [("--blocks-in-head", "1"), ("--method", "treenet")] and grid[1][2] == 3
     assert [s for _, _, s in neurotrails.sweep_grid([], None, default_seed=7)] == [7]  # --seeds alone, or --seed
-    assert neurotrails.sweep_grid(["tokenizer=a/b.json"], None)[0][0] == "tokenizer=a-b.json_seed=0"  # a folder name
+    assert neurotrails.sweep_grid(["tokenizer=a/b.json"], None)[0][0] == "tokenizer=a%2Fb.json_seed=0"  # a folder name
 
 
 @pytest.mark.parametrize("specs, seeds, match", [
@@ -329,41 +329,65 @@ def test_config_reruns_a_stored_run_and_flags_override_it(tmp_path):
             "out": (str(tmp_path / "a"), str(tmp_path / "b")), "seed": (0, 4)}
 
 
-def test_a_point_killed_by_a_signal_stops_the_sweep(tmp_path, monkeypatch, capsys):
+def sweep_args(out, sweep, overwrite=False):
+    return type("Args", (), {"out": str(out), "compare": None, "resume": None, "sweep": [sweep], "seeds": None,
+                             "seed": 0, "overwrite": overwrite})()
+
+
+def test_an_interrupted_point_stops_the_sweep(tmp_path):
     calls = []
 
-    class Done:
-        def __init__(self, code):
-            self.returncode = code
-
-    def fake_run(cmd, *a, **k):  # the first point dies of SIGTERM
-        calls.append(cmd)
-        return Done(-15)
-    monkeypatch.setattr(neurotrails.subprocess, "run", fake_run)
-    args = type("Args", (), {"out": str(tmp_path), "compare": None, "resume": None, "sweep": ["epochs=1,2"],
-                             "seeds": None, "seed": 0})()
-    with pytest.raises(ValueError, match="stopped by signal 15; the sweep stops too"):
-        neurotrails.run_sweep("train_vision.py", ["--sweep", "epochs=1,2", "--out", str(tmp_path)], args, lambda a: None)
+    def main(point):  # the first point is stopped by Ctrl-C
+        calls.append(point)
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        neurotrails.run_sweep(main, ["--sweep", "epochs=1,2", "--out", str(tmp_path)], sweep_args(tmp_path, "epochs=1,2"),
+                              lambda a: {})
     assert len(calls) == 1 and calls[0][-4:] == ["--seed", "0", "--out", str(tmp_path / "epochs=1_seed=0")]
 
 
-def test_a_point_another_process_is_running_is_left_to_it(tmp_path, monkeypatch, capsys):
+def test_a_point_another_process_is_running_is_left_to_it(tmp_path, capsys):
     import fcntl
     calls = []
-
-    class Done:
-        returncode = 0
-    monkeypatch.setattr(neurotrails.subprocess, "run", lambda cmd, *a, **k: calls.append(cmd) or Done())
     (tmp_path / "epochs=2_seed=0").mkdir()
     with open(tmp_path / "epochs=2_seed=0" / ".lock", "w") as held:  # as a running training process holds it
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        args = type("Args", (), {"out": str(tmp_path), "compare": None, "resume": None, "sweep": ["epochs=1,2,3"],
-                                 "seeds": None, "seed": 0})()
-        neurotrails.run_sweep("train_vision.py", ["--out", str(tmp_path)], args, lambda a: None)
+        args = sweep_args(tmp_path, "epochs=1,2,3")
+        neurotrails.run_sweep(calls.append, ["--out", str(tmp_path)], args, lambda a: {})
     assert [c[-1] for c in calls] == [str(tmp_path / "epochs=1_seed=0"), str(tmp_path / "epochs=3_seed=0")]
     out = capsys.readouterr().out
     assert "[2/3] epochs=2_seed=0: in use by another process, left to it" in out
     assert "1 left to the processes running them: epochs=2_seed=0" in out
     calls.clear()  # released: the next run of the command takes it (the others hold no results.json here)
-    neurotrails.run_sweep("train_vision.py", ["--out", str(tmp_path)], args, lambda a: None)
+    neurotrails.run_sweep(calls.append, ["--out", str(tmp_path)], args, lambda a: {})
     assert str(tmp_path / "epochs=2_seed=0") in calls[1] and "left to" not in capsys.readouterr().out
+
+
+def finished_point(folder, config):
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"config": config, "metrics": {}}))
+
+
+def test_a_finished_point_is_skipped_only_if_its_config_is_the_one_it_would_run_now(tmp_path, capsys):
+    calls = []
+    finished_point(tmp_path / "epochs=1_seed=0", {"dense_epochs": 1, "lr": 0.1, "out": "elsewhere"})
+    finished_point(tmp_path / "epochs=2_seed=0", {"dense_epochs": 2, "lr": 0.1})
+
+    def resolve(point):
+        return {"dense_epochs": int(point[point.index("--epochs") + 1]), "lr": 0.05}  # --lr changed since
+    args = sweep_args(tmp_path, "epochs=1,2")
+    with pytest.raises(ValueError, match="2 differ from their stored runs .* --overwrite re-runs them"):
+        neurotrails.run_sweep(calls.append, [], args, resolve)
+    assert calls == [] and capsys.readouterr().out.count("NOT re-run: its stored run differs in lr") == 2
+    args.overwrite = True  # now both re-run, each told to replace its folder
+    neurotrails.run_sweep(calls.append, [], args, resolve)
+    assert len(calls) == 2 and all("--overwrite" in c for c in calls)
+    calls.clear()  # a config equal but for where it ran (out, device, ...) is finished
+    assert neurotrails.run_sweep(calls.append, [], sweep_args(tmp_path, "epochs=1"),
+                                 lambda p: {"dense_epochs": 1, "lr": 0.1, "out": "here"}) is None
+    assert calls == [] and "finished, skipped" in capsys.readouterr().out
+
+
+def test_distinct_sweep_values_never_share_a_folder():
+    names = [name for name, _, _ in neurotrails.sweep_grid(["data-dir=A/x,A-x,/A/x"], None)]
+    assert len(set(names)) == 3, names

@@ -200,6 +200,18 @@ def test_augmentation_is_a_crop_and_flip_of_the_input():
     assert big.shape == (64, 1, 8, 8) and (big == 0).any() and (big == 7).any()  # padding shows up
 
 
+def test_vectorised_augmentation_equals_the_per_image_crop_and_flip_it_draws():
+    x = torch.randint(0, 256, (32, 3, 10, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    out = train_vision.augment(x, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # the same draws, applied one image at a time
+    dx, dy = torch.randint(0, 9, (2, 32), generator=g).tolist()
+    flip = torch.rand(32, generator=g) < 0.5
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(32):
+        crop = padded[i, :, dy[i]:dy[i] + 10, dx[i]:dx[i] + 10]
+        assert torch.equal(out[i], crop.flip(2) if flip[i] else crop)
+
+
 def test_evaluate_checkpoint_reproduces_the_logged_metrics_and_plots(data_dir, tmp_path):
     train_vision.main(TINY + ["--data-dir", str(data_dir), "--epochs", "1", "--out", str(tmp_path)])
     last = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
