@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The converged-regime study on the CPU (BENCHMARKS.md, "Budgets as in the paper"): WRN-16-2 on a
+# fixed 1,000-image Fashion-MNIST subset, E = 100 dense epochs, tested on 2,000 images every 5
+# epochs, bf16 autocast. Every method under the paper's budgets first (all seeds), then under equal
+# training FLOPs, then NeuroTrails at equal epochs. Resumable: the same command continues it, and
+# several copies of it (one per core, OMP_NUM_THREADS=1) share the grids.
+#   bash docs/study/converged/commands.sh OUT DATA_DIR "0 1 2"
+set -u
+OUT=${1:-runs/converged}
+DATA=${2:-data}
+SEEDS=${3:-0 1 2}
+BASE=(--dataset fashion-mnist --data-dir "$DATA" --model wrn16-2 --train-subset 1000 --test-subset 2000
+      --epochs 100 --eval-every 5 --bf16 --device cpu)
+for s in $SEEDS; do
+  python train_vision.py "${BASE[@]}" --budget paper --sweep method=single,treenet,ensemble,neurotrails \
+    --seeds "$s" --out "$OUT/paper"
+  python train_vision.py "${BASE[@]}" --budget paper --method neurotrails --head-lr-scale 3 --seeds "$s" \
+    --out "$OUT/paper-headlr3"
+done
+# bf16 against fp32 (the pilot's check of the cheaper arithmetic), seed 0
+python train_vision.py "${BASE[@]}" --no-bf16 --budget paper --sweep method=single,neurotrails --seeds 0 \
+  --out "$OUT/fp32"
+for s in $SEEDS; do
+  python train_vision.py "${BASE[@]}" --budget flops --sweep method=treenet,ensemble,neurotrails --seeds "$s" \
+    --out "$OUT/flops"
+  python train_vision.py "${BASE[@]}" --budget flops --method neurotrails --head-lr-scale 3 --seeds "$s" \
+    --out "$OUT/flops-headlr3"
+done
+for s in $SEEDS; do
+  python train_vision.py "${BASE[@]}" --budget equal --sweep head-lr-scale=1,3 --method neurotrails --seeds "$s" \
+    --out "$OUT/equal"
+done
