@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The converged-regime study on the CPU (BENCHMARKS.md, "Budgets as in the paper"): WRN-16-2 on a
-# fixed 1,000-image Fashion-MNIST subset, E = 100 dense epochs, tested on 2,000 images every 5
+# fixed 1,000-image Fashion-MNIST subset, E = 100 dense epochs, Delta T = 25 steps (50 topology
+# updates in NeuroTrails' 180 epochs of 7 steps), tested on 2,000 images every 5
 # epochs, bf16 autocast. Every method under the paper's budgets first (all seeds), then under equal
 # training FLOPs, then NeuroTrails at equal epochs. Resumable: the same command continues it, and
 # several copies of it (one per core, OMP_NUM_THREADS=1) share the grids.
@@ -10,7 +11,7 @@ OUT=${1:-runs/converged}
 DATA=${2:-data}
 SEEDS=${3:-0 1 2}
 BASE=(--dataset fashion-mnist --data-dir "$DATA" --model wrn16-2 --train-subset 1000 --test-subset 2000
-      --epochs 100 --eval-every 5 --bf16 --device cpu)
+      --epochs 100 --eval-every 5 --delta-t 25 --bf16 --device cpu)
 for s in $SEEDS; do
   python train_vision.py "${BASE[@]}" --budget paper --sweep method=single,treenet,ensemble,neurotrails \
     --seeds "$s" --out "$OUT/paper"
