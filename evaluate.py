@@ -704,20 +704,62 @@ SUMMARY_COLUMNS = {  # column -> (header, scale, digits)
     "train_time_s": ("train time s", 1, 0)}
 
 
-def find_runs(folders):
+def find_runs(folders, warn=lambda message: print(message, file=sys.stderr)):
     """Every run folder (config.json + log.jsonl) under `folders`, with its config, log and, for a
-    finished run, results.json. Sorted by path; unfinished runs keep results None."""
-    runs = []
+    finished run, results.json. Sorted by path; unfinished runs keep results None. A folder with
+    an unreadable file is skipped with one warning naming the file and line; a run found twice
+    (a copied folder, a folder given twice: same config and seed) is counted once."""
+    runs, seen, skipped = [], {}, 0
     for folder in folders:
         for config in sorted(Path(folder).rglob("config.json")):
             run = config.parent
             if not (run / "log.jsonl").exists():
                 continue
-            results = run / "results.json"
-            runs.append({"path": run, "config": json.loads(config.read_text()),
-                         "log": [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line],
-                         "results": json.loads(results.read_text()) if results.exists() else None})
+            try:
+                found = {"path": run, "config": _read_json(config), "log": _read_jsonl(run / "log.jsonl"),
+                         "results": _read_json(run / "results.json") if (run / "results.json").exists() else None}
+                if not isinstance(found["config"], dict) or "method" not in found["config"]:
+                    raise ValueError(f"{config}: not a run's config (no method)")
+                results = found["results"]
+                if results is not None and not (isinstance(results, dict) and isinstance(results.get("metrics"), dict)
+                                                and "script" in results):
+                    raise ValueError(f"{run / 'results.json'}: not a run's results (no metrics or script)")
+            except ValueError as e:
+                warn(f"warning: skipped {run}: {e}")
+                skipped += 1
+                continue
+            key = json.dumps({k: v for k, v in found["config"].items() if k not in ("out", "data_dir", "resumed")},
+                             sort_keys=True)
+            if key in seen:
+                warn(f"warning: {run} is the same run as {seen[key]} (same config and seed): counted once")
+                continue
+            seen[key] = run
+            runs.append(found)
+    if skipped:
+        warn(f"warning: {skipped} unreadable run folder(s) skipped")
     return runs
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {e.lineno}: not JSON ({e.msg}; truncated?)") from None
+
+
+def _read_jsonl(path):
+    rows = []
+    for i, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {i}: not JSON ({e.msg}; truncated?)") from None
+            if not isinstance(rows[-1], dict):
+                raise ValueError(f"{path} line {i}: not a log record (a JSON object)")
+    return rows
 
 
 def csv_value(text):
@@ -755,6 +797,10 @@ def earlier_rows(path):
     if any(None in row or None in row.values() for row in raw):  # more or fewer cells than the header
         raise not_a_report
     rows = [{k: v if k in ("run", "script") else csv_value(v) for k, v in row.items()} for row in raw]
+    for i, row in enumerate(rows, 2):  # line 1 is the header
+        bad = [c for c in SUMMARY_COLUMNS if isinstance(row.get(c), str)]
+        if bad:
+            raise ValueError(f"--rows {path} line {i}, column {bad[0]}: {row[bad[0]]!r} is not a number")
     return rows, columns[columns.index("script") + 1:columns.index("seed")]
 
 

@@ -101,7 +101,8 @@ def net_from_checkpoint(path):
     state = neurotrails.load_checkpoint(path, "train_vision.py", "--checkpoint")
     if "input_shape" not in state:
         raise ValueError(f"--checkpoint {path}: predates the self-describing format (no input_shape)")
-    return neurotrails.model_from_checkpoint(state), state["config"]["aggregate"], tuple(state["input_shape"])
+    return (neurotrails.model_from_checkpoint(state, path=f"--checkpoint {path}"), state["config"]["aggregate"],
+            tuple(state["input_shape"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,11 +332,19 @@ def parse_args(argv=None):
     return ap, ap.parse_args(argv)
 
 
+# The flags that build a fresh model for export: meaningless beside --checkpoint.
+MODEL_FLAGS = ("--model", "--num-heads", "--blocks-in-head", "--sparsity", "--allocation", "--init", "--num-classes",
+               "--image-size", "--full-ensemble")
+
+
 def main(argv=None):
     ap, args = parse_args(argv)
     try:
         if args.command == "export":
             neurotrails.check_writable_file(args.out, "--out")
+            given = [f for f in MODEL_FLAGS if any(a == f or a.startswith(f + "=") for a in (sys.argv[1:] if argv is None else argv))]
+            if args.checkpoint and given:  # the checkpoint says which network it is
+                raise ValueError(f"--checkpoint names the network itself; {given[0]} cannot be combined with it")
             if args.checkpoint:
                 net, aggregate, shape = net_from_checkpoint(args.checkpoint)
             else:

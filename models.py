@@ -75,6 +75,8 @@ def wide_resnet(depth=28, width=10, num_classes=100, in_channels=3):
     widths 16w / 32w / 64w, tail = BN-ReLU-global-avg-pool-fc."""
     if (depth - 4) % 6 or depth < 10:
         raise ValueError(f"WRN depth must be 6n+4 with n >= 1, got {depth}")
+    if width < 1:
+        raise ValueError(f"WRN width must be >= 1, got {width}")
     n = (depth - 4) // 6
     widths = [16, 16 * width, 32 * width, 64 * width]
     stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -464,11 +465,10 @@ def check_run_folder(out, resume=None, overwrite=False):
 
 
 def held_run(out):
-    """What in `out` makes it a run: a checkpoint, a log with lines, results. A run that stopped
-    before its first checkpoint and log line left only config.json: a re-run may start there."""
+    """What in `out` makes it a run: a log with lines, a checkpoint. A run that stopped before its
+    first checkpoint and log line left only config.json (and an empty log): a re-run may start there."""
     out = Path(out)
-    return [f for f in ("last.pt", "log.jsonl", "results.json")
-            if (out / f).exists() and (f != "log.jsonl" or (out / f).stat().st_size > 0)]
+    return [f for f in ("log.jsonl", "last.pt") if (out / f).exists() and (f != "log.jsonl" or (out / f).stat().st_size)]
 
 
 def _resumes_here(resume, out):
@@ -560,7 +560,9 @@ class run_folder:
                     (self.out / name).unlink(missing_ok=True)
             shutil.rmtree(self.out / REPLACED, ignore_errors=True)
         _HELD_LOCKS.discard(self.lock.fileno())
-        self.lock.close()  # closing releases the flock; the file itself stays (harmless)
+        if exc[0] is None:  # a clean exit leaves no .lock behind (after a crash it stays, unheld: harmless)
+            (self.out / ".lock").unlink(missing_ok=True)
+        self.lock.close()  # closing releases the flock
         return False
 
 
@@ -688,12 +690,20 @@ def load_checkpoint(path, script=None, flag="--resume", config=None, may_differ=
     return state
 
 
-def model_from_checkpoint(state, device="cpu"):
+def model_from_checkpoint(state, device="cpu", path="checkpoint"):
     """The network of a loaded checkpoint, with its weights: what evaluate.py and export_bench.py
     read. The config says which network (model, method, M, |F_h|); model_kwargs its in/out sizes."""
+    config = state["config"]
+    missing = [k for k in ("model", "method", "num_heads", "blocks_in_head") if k not in config]
+    if missing or config.get("method") not in METHODS:
+        raise ValueError(f"{path}: its config lacks {', '.join(missing) or 'a known method'}; it cannot be rebuilt")
     with torch.device(device):  # not meta: non-persistent buffers (LLaMA's rotary frequencies) are built, not saved
-        net = build_from_config(state["config"], **state["model_kwargs"])
-    net.load_state_dict(state["model"])
+        net = build_from_config(config, **state["model_kwargs"])
+    try:
+        net.load_state_dict(state["model"])
+    except RuntimeError as e:  # missing or extra weights, wrong shapes
+        raise ValueError(f"{path}: its weights do not fit the network its config names "
+                         f"({' '.join(str(e).split())[:160]})") from None
     return net
 
 
@@ -794,9 +804,11 @@ def with_config(ap, argv):
 
 def methods_to_run(args, supported):
     """--method, or the methods of --compare (checked against `supported`); --resume continues one run."""
-    if args.compare and args.resume:
+    if args.compare is not None and args.resume:
         raise ValueError("--resume continues one run; it cannot be combined with --compare")
-    methods = args.compare.split(",") if args.compare else [args.method]
+    methods = [m.strip() for m in args.compare.split(",")] if args.compare is not None else [args.method]
+    if not all(methods):
+        raise ValueError(f"--compare {args.compare!r}: give comma-separated methods, e.g. single,neurotrails")
     bad = [m for m in methods if m not in supported]
     if bad:
         raise ValueError(f"--compare: unknown method {bad[0]!r}; choose from {', '.join(supported)}")
@@ -851,7 +863,7 @@ def sweep_grid(specs, seeds, default_seed=0):
             raise ValueError(f"--sweep {spec!r}: a value is repeated")
         axes.append((flag, values))
     try:
-        seeds = [int(s) for s in seeds.split(",")] if seeds else [default_seed]
+        seeds = [int(s) for s in seeds.split(",")] if seeds is not None else [default_seed]
     except ValueError:
         raise ValueError(f"--seeds {seeds!r}: expected comma-separated integers (e.g. 0,1,2)") from None
     if len(set(seeds)) < len(seeds) or min(seeds) < 0:
@@ -1036,8 +1048,9 @@ def write_results(out, script, config, record, wall_time_s):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] \
         if (out / "log.jsonl").exists() else []
     train_time = sum(r.get("epoch_time_s", r.get("interval_time_s", 0.0)) for r in log)
-    results = {"script": script, "metrics": record, "config": config, "wall_time_s": wall_time_s,
-               "train_time_s": train_time, "versions": package_versions(), "git_commit": git_commit(),
+    results = {"script": script, "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]),
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "metrics": record, "config": config,
+               "wall_time_s": wall_time_s, "train_time_s": train_time, "versions": package_versions(), "git_commit": git_commit(),
                "machine": machine_info()}
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1, default=float))

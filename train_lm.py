@@ -113,9 +113,12 @@ def resolve_config(args):
     cfg["world_size"] = dist.get_world_size() if dist.is_initialized() else 1
     cfg["micro_batch_size"] = min(args.micro_batch_size, max(1, args.batch_size // cfg["world_size"]))
     # The default folder names what makes runs differ, so a quick run never lands in a real run's folder.
-    cfg["out"] = args.out or (f"runs/lm-{args.model}-{args.method}-M{cfg['num_heads']}-S{cfg['sparsity']}"
-                              f"-U{cfg['dense_updates']}-{cfg['budget']}-u{cfg['updates']}-seed{args.seed}")
+    # stored absolute, so that a checkpoint is read the same from any working directory
+    cfg["out"] = str(Path(args.out or f"runs/lm-{args.model}-{args.method}-M{cfg['num_heads']}-S{cfg['sparsity']}"
+                              f"-U{cfg['dense_updates']}-{cfg['budget']}-u{cfg['updates']}-seed{args.seed}").resolve())
     validate(cfg)
+    if cfg["data_dir"] is not None:
+        cfg["data_dir"] = str(Path(cfg["data_dir"]).resolve())
     return cfg
 
 
@@ -490,7 +493,7 @@ def main(argv=None):
         return eval_only(argv[1:])
     ap, args = parse_args(argv)
     try:
-        if args.sweep or args.seeds:  # every point in this process: main(<point's flags>)
+        if args.sweep or args.seeds is not None:  # every point in this process: main(<point's flags>)
             return neurotrails.run_sweep(main, argv, args, lambda a: resolve_config(parse_args(a)[1]))
     except ValueError as e:
         ap.fail(e)

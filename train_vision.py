@@ -109,6 +109,7 @@ def resolve_config(args):
     cfg["dense_epochs"] = DENSE_EPOCHS[args.dataset] if args.dense_epochs is None else args.dense_epochs
     if not str(args.data_dir).strip():
         raise ValueError("--data-dir must name a folder, got ''")
+    cfg["data_dir"] = str(Path(args.data_dir).resolve())
     cfg["device"] = neurotrails.check_device(args.device) if args.device else \
         "cuda" if torch.cuda.is_available() else "cpu"
     on_gpu = cfg["device"].startswith("cuda")
@@ -129,11 +130,14 @@ def resolve_config(args):
     cfg["world_size"] = dist.get_world_size() if dist.is_initialized() else 1
     # The default folder names what makes runs differ, so a quick run never lands in a real run's folder.
     subsets = "".join(f"-{k}{v}" for k, v in (("train", args.train_subset), ("test", args.test_subset)) if v)
-    cfg["out"] = args.out or (f"runs/{args.dataset}-{cfg['model']}-{args.method}-M{cfg['num_heads']}"
+    # stored absolute, so that a checkpoint is read the same from any working directory
+    cfg["out"] = str(Path(args.out or f"runs/{args.dataset}-{cfg['model']}-{args.method}-M{cfg['num_heads']}"
                               f"-S{cfg['sparsity']}-E{cfg['dense_epochs']}-{cfg['budget']}-e{epochs}{subsets}"
-                              f"-seed{args.seed}")
+                              f"-seed{args.seed}").resolve())
     if cfg["batch_size"] % cfg["world_size"]:
         raise ValueError(f"--batch-size {cfg['batch_size']} must be divisible by the {cfg['world_size']} processes")
+    if cfg["momentum"] == 0:  # torch: "Nesterov momentum requires a momentum and zero dampening"
+        raise ValueError("--momentum 0: the paper's SGD is Nesterov, which needs a momentum > 0 (its value: 0.9)")
     if method.sparse and cfg["sparsity"] == 0.0:
         raise ValueError(f"--method {args.method} needs --sparsity > 0 (use treenet for a dense multi-head run)")
     return cfg
@@ -388,7 +392,7 @@ def eval_only(argv):
     try:
         state = load_checkpoint(args.checkpoint, flag="--checkpoint")
         cfg, device = state["config"], "cuda" if torch.cuda.is_available() else "cpu"
-        net = neurotrails.model_from_checkpoint(state, device)
+        net = neurotrails.model_from_checkpoint(state, device, f"--checkpoint {args.checkpoint}")
         if args.image_folder:
             data = _flat_image_folder(cfg["dataset"], Path(args.image_folder))
             batches = torch.utils.data.DataLoader(data, args.batch_size)
@@ -501,7 +505,7 @@ def main(argv=None):
         return eval_only(argv[1:])
     ap, args = parse_args(argv)
     try:
-        if args.sweep or args.seeds:  # every point in this process: main(<point's flags>)
+        if args.sweep or args.seeds is not None:  # every point in this process: main(<point's flags>)
             return neurotrails.run_sweep(main, argv, args, lambda a: resolve_config(parse_args(a)[1]))
     except ValueError as e:
         ap.fail(e)

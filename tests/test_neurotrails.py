@@ -196,21 +196,26 @@ def test_summary_cli_tables_and_bad_flags():
 
 
 @pytest.mark.parametrize("method", ["neurotrails", "ensemble"])
-def test_a_checkpoint_rebuilds_its_network_also_from_files_without_model_kwargs(method):
+def test_a_checkpoint_rebuilds_its_network_and_refuses_weights_that_do_not_fit(method):
     config = {"model": "wrn10-1", "method": method, "num_heads": 2, "blocks_in_head": None if method == "ensemble"
               else 2}
     torch.manual_seed(0)
     net = neurotrails.build_from_config(config, num_classes=7, in_channels=1).eval()
     x = torch.randn(3, 1, 16, 16)
-    for state in ({"config": config, "model": net.state_dict(), "model_kwargs": {"num_classes": 7, "in_channels": 1}},
-                  {"config": config, "model": net.state_dict()}):  # the second: written before format 1
-        again = neurotrails.model_from_checkpoint(state).eval()
-        torch.testing.assert_close(again(x), net(x), rtol=0, atol=0)
-    lm = {"model": "llama-9m", "method": "single", "num_heads": 1, "blocks_in_head": 2}
-    llama = neurotrails.build_from_config(lm, vocab_size=300)
-    rebuilt = neurotrails.model_from_checkpoint({"config": lm, "model": llama.state_dict()})
-    assert rebuilt.state_dict()["backbone.stem.weight"].shape[0] == 300
-    assert sum(p.numel() for p in rebuilt.parameters()) == sum(p.numel() for p in llama.parameters())
+    state = {"config": config, "model": net.state_dict(), "model_kwargs": {"num_classes": 7, "in_channels": 1}}
+    again = neurotrails.model_from_checkpoint(state).eval()
+    torch.testing.assert_close(again(x), net(x), rtol=0, atol=0)
+    lacking = {**state, "model": {k: v for k, v in net.state_dict().items() if not k.endswith("tail.4.weight")}}
+    with pytest.raises(ValueError, match="its weights do not fit the network its config names"):
+        neurotrails.model_from_checkpoint(lacking)
+    with pytest.raises(ValueError, match="its config lacks num_heads"):
+        neurotrails.model_from_checkpoint({**state, "config": {k: v for k, v in config.items() if k != "num_heads"}})
+
+
+def test_a_checkpoint_of_an_older_format_is_refused_in_one_line(tmp_path):
+    torch.save({"format": "neurotrails", "version": 1, "script": "train_vision.py", "config": {}}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="checkpoint format 1, this code reads format 2 only"):
+        neurotrails.load_checkpoint(tmp_path / "old.pt")
 
 
 def test_logged_density_counts_mask_entries_not_nonzero_weights():

@@ -500,3 +500,25 @@ def test_config_files_with_unknown_keys_or_bad_values_are_refused_naming_the_fil
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
     assert f"--config {path}" in err and message in err, err
+
+
+@needs_fashion_mnist
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_its_first_checkpoint(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_vision.main(vision(data_dir, out, "--epochs", "1"))
+    assert not (out / ".lock").exists()  # a clean exit leaves no lock file
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit):  # diverges in its first epoch, before any checkpoint
+        train_vision.main(vision(data_dir, out, "--epochs", "1", "--lr", "1e30", "--overwrite"))
+    assert "no checkpoint was saved" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"} == before  # the old run, whole
+    # a fresh folder whose run stopped before its first checkpoint: the same command may start there again
+    fresh = tmp_path / "fresh"
+    with pytest.raises(SystemExit):
+        train_vision.main(vision(data_dir, fresh, "--epochs", "1", "--lr", "1e30"))
+    assert "--resume" not in capsys.readouterr().err and not (fresh / "last.pt").exists()
+    train_vision.main(vision(data_dir, fresh, "--epochs", "1"))
+    assert (fresh / "results.json").exists()
+    # and --overwrite of a finished run replaces it once the new run has saved
+    train_vision.main(vision(data_dir, out, "--epochs", "1", "--seed", "3", "--overwrite"))
+    assert json.loads((out / "results.json").read_text())["config"]["seed"] == 3 and not (out / ".replaced").exists()

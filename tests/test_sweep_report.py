@@ -3,6 +3,7 @@ points, resuming interrupted ones, results.json, the CSV against the runs' own l
 mean +- std, and every figure from small synthetic run folders."""
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -391,3 +392,40 @@ def test_a_finished_point_is_skipped_only_if_its_config_is_the_one_it_would_run_
 def test_distinct_sweep_values_never_share_a_folder():
     names = [name for name, _, _ in neurotrails.sweep_grid(["data-dir=A/x,A-x,/A/x"], None)]
     assert len(set(names)) == 3, names
+
+
+def test_report_skips_unreadable_folders_naming_the_file_and_counts_a_copied_run_once(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        folder = runs / f"seed={seed}"
+        folder.mkdir(parents=True)
+        cfg = {"method": "single", "seed": seed, "epochs": 2, "out": str(folder)}
+        (folder / "config.json").write_text(json.dumps(cfg))
+        log = [{"epoch": e, "acc": 0.5 + e / 10, "nll": 1.0, "ece": 0.1, "pd_any": 0.0, "train_loss": 1.0}
+               for e in (1, 2)]
+        (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        (folder / "results.json").write_text(json.dumps({"script": "train_vision.py", "config": cfg,
+                                                         "metrics": log[-1]}))
+    shutil.copytree(runs / "seed=1", runs / "copy-of-seed=1")  # a copied folder: the same run
+    (runs / "broken").mkdir()
+    (runs / "broken" / "config.json").write_text(json.dumps({"method": "single", "seed": 5}))
+    (runs / "broken" / "log.jsonl").write_text('{"epoch": 1, "acc": 0.5}\n{"epoch": 2, "ac')  # truncated
+    (runs / "garbage").mkdir()
+    (runs / "garbage" / "config.json").write_text("[1, 2]")
+    (runs / "garbage" / "log.jsonl").write_text("")
+    evaluate.write_report([runs, runs / "seed=0"], tmp_path / "report")  # seed=0 given twice, too
+    err = capsys.readouterr().err
+    assert f"skipped {runs / 'broken'}: {runs / 'broken' / 'log.jsonl'} line 2: not JSON" in err
+    assert f"skipped {runs / 'garbage'}" in err and "2 unreadable run folder(s) skipped" in err
+    assert "counted once" in err
+    rows = read_csv(tmp_path / "report" / "results.csv")
+    assert sorted(int(r["seed"]) for r in rows) == [0, 1]
+    assert [float(r["best_acc"]) for r in rows] == [0.7, 0.7]  # the best test epoch, labelled as such
+
+
+def test_rows_with_a_non_numeric_metric_are_refused_naming_line_and_column(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text("run,script,method,seed,acc,nll\nr0,train_vision.py,single,0,0.8,0.5\n"
+                    "r1,train_vision.py,single,1,eighty,0.5\n")
+    with pytest.raises(ValueError, match=r"line 3, column acc: 'eighty' is not a number"):
+        evaluate.earlier_rows(path)
