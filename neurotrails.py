@@ -1,22 +1,15 @@
 """NeuroTrails: a shared sparse backbone, M independently initialised sparse heads, soft voting.
 
 Paper map (arXiv 2505.17909):
-  Sec. 3, Fig. 1  split F at block l: backbone F_s = f_l o ... o f_1, heads F_h^(i)  -> build()
-  Sec. 3          composite loss L = 1/M sum_i L_i                                   -> ensemble_loss()
-  Sec. 3, App. G  prediction = mean of the heads' class probabilities               -> soft_vote()
-  Sec. 3, Alg. 1  backbone and heads initialised to sparsity S (ER)                 -> build_masks()
-  Sec. 4          baselines: single dense (M=1, S=0), TreeNet (M heads, S=0),
-                  full ensemble (M independent full models)                       -> build() flags
-
-Shared by the scripts (one definition each, below the paper's functions): argparse value types
-that refuse what would silently break a run (int_in, float_in), the one-line error Parser, the
-run folder guard (run_folder: refuses to overwrite a run, one run per folder at a time) and the
-self-describing checkpoint (save_checkpoint: atomic, never a non-finite state; load_checkpoint:
-says which script wrote a file and what it lacks).
-
-`python neurotrails.py --model wrn28-10 --num-heads 3 --blocks-in-head 8 --sparsity 0.8` prints the
-configuration (per masked tensor: component, shape, density, active count; per component: totals)
-without training. Add --json for one JSON object.
+  Sec. 3, Fig. 1   split F at block l: backbone F_s = f_l o ... o f_1, heads F_h^(i)   -> build()
+  Sec. 3           loss L = 1/M sum_i L_i                                            -> ensemble_loss()
+  Sec. 3, App. G   prediction = mean of the heads' class probabilities               -> soft_vote()
+  Sec. 3, Alg. 1   backbone and heads initialised to sparsity S (ER/ERK)             -> build_masks()
+  Sec. 4, App. E   baselines as settings: single, TreeNet, full ensemble, static, pruning -> METHODS
+  App. E.3         each method's training budget (Tables 11-14)                      -> method_budget()
+Below the banner "Run plumbing": what the scripts share (argparse types, run folders, checksummed
+checkpoints, --config, sweeps, results files). `python neurotrails.py --model wrn28-10` prints a
+configuration's split and sparsity allocation without training.
 
 Imports: torch, and the project's models.py and sparsity.py.
 
@@ -52,87 +45,6 @@ import torch.nn.functional as F
 import models
 import sparsity
 
-
-# ----------------------------------------------------------------------------------------------
-# The method table (Sec. 4, App. E.2): every method of the paper is a setting of one network and
-# one training loop. Scripts ask this table; they never compare method names.
-
-
-class Method(NamedTuple):
-    single: bool          # M = 1 whatever --num-heads says (the dense base network)
-    full_ensemble: bool   # M independent whole models, no shared backbone, each on its own data order
-    sparse: bool          # trains at sparsity S (ER/ERK masks); False: dense, S = 0
-    evolves: bool         # the topology changes by DST every Delta T steps (prune + regrow)
-    loss: str             # "mean": L = 1/M sum_i L_i (Sec. 3); "sum": each member trains as if alone
-    epochs: str           # which epoch budget of a recipe it gets: dense | treenet | sparse | pruning
-    prunes: bool = False  # dense until half-way, then one-shot global magnitude pruning, then fixed
-
-    @property
-    def masked_at_start(self):
-        return self.sparse and not self.prunes
-
-
-METHODS = {
-    "neurotrails": Method(single=False, full_ensemble=False, sparse=True, evolves=True, loss="mean", epochs="sparse"),
-    "single": Method(single=True, full_ensemble=False, sparse=False, evolves=False, loss="mean", epochs="dense"),
-    "treenet": Method(single=False, full_ensemble=False, sparse=False, evolves=False, loss="mean", epochs="treenet"),
-    "ensemble": Method(single=False, full_ensemble=True, sparse=False, evolves=False, loss="sum", epochs="dense"),
-    "static": Method(single=False, full_ensemble=False, sparse=True, evolves=False, loss="mean", epochs="sparse"),
-    "pruning": Method(single=False, full_ensemble=False, sparse=True, evolves=False, loss="mean", epochs="pruning",
-                      prunes=True),
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# Training budgets (App. E.3, Tables 11-14): the paper gives each method its own length, chosen so
-# that training FLOPs stay near one dense network's; comparing at equal epochs is another experiment.
-
-BUDGETS = ("paper", "equal", "flops", "density")
-
-
-def method_budget(mode, dense_budget, paper_ratio, sparsity_, step_cost):
-    """Epochs (vision) or updates (language) of one method, from the single dense network's E.
-
-    paper:   round(ratio x E), the method's ratio in the paper's table for the dataset.
-    equal:   E for every method.
-    flops:   round(E / c), c = the method's training FLOPs per step / the single network's, so the
-             run costs what E steps of the single network cost (within half an epoch).
-    density: floor(E / (1 - S)), the 1/(1-S) extension limit (Evci et al. 2020), E for dense methods.
-    step_cost() gives c; only `flops` calls it (it builds the network on the meta device).
-    """
-    if mode == "paper":
-        return max(1, round(paper_ratio * dense_budget))
-    if mode == "equal":
-        return dense_budget
-    if mode == "flops":
-        # the run's training FLOPs = c x steps; equal to the single network's E steps at E / c
-        return max(1, round(dense_budget / step_cost()))
-    if mode == "density":
-        return math.floor(dense_budget / (1 - sparsity_) + 1e-6)  # 1e-6: 10,000 / 0.9 = 11,111
-    raise ValueError(f"--budget must be one of {', '.join(BUDGETS)}, got {mode!r}")
-
-
-def param_groups(net, head_lr_scale=1.0):
-    """Optimizer parameter groups: the backbone at the base learning rate, the heads at
-    head_lr_scale x it (the loop sets group lr = lr x group["lr_scale"]). Why: the loss is the mean
-    over heads (Sec. 3), so under SGD each head's gradient, and so its step, is 1/M of what it
-    would be alone; head_lr_scale = M gives every head the step size of a single network."""
-    groups = [{"params": list(net.backbone.parameters()), "lr_scale": 1.0},
-              {"params": list(net.heads.parameters()), "lr_scale": head_lr_scale}]
-    return [g for g in groups if g["params"]]  # a full ensemble has no backbone parameters
-
-
-def num_heads_of(method, num_heads):
-    """M of a run: 1 for the single network, else --num-heads."""
-    return 1 if METHODS[method].single else num_heads
-
-
-def build_from_config(config, **model_kwargs):
-    """The network of a run's config (model, method, M, |F_h|), freshly initialised."""
-    return build(config["model"], config["num_heads"], config["blocks_in_head"],
-                 METHODS[config["method"]].full_ensemble, **model_kwargs)
-
-
 # ----------------------------------------------------------------------------------------------
 # The network: backbone + heads (Sec. 3, Fig. 1)
 
@@ -153,33 +65,6 @@ class NeuroTrails(nn.Module):
     @property
     def num_heads(self):
         return len(self.heads)
-
-
-class Members(nn.Module):
-    """Full-ensemble forward in training: member i on its own batch xs[i] (each member has its own
-    data order); one module, so DistributedDataParallel can wrap it."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.heads = net.heads
-
-    def forward(self, xs):
-        return torch.stack([head(x) for head, x in zip(self.heads, xs)])
-
-
-def validate(model, num_heads, blocks_in_head, num_blocks, sparsity_, full_ensemble=False):
-    """Raise ValueError with one line naming the flag and its valid range."""
-    if not 1 <= num_heads <= MAX_HEADS:
-        raise ValueError(f"--num-heads must be in [1, {MAX_HEADS}], got {num_heads}")
-    if not full_ensemble and not 1 <= blocks_in_head <= num_blocks:
-        raise ValueError(f"--blocks-in-head must be in [1, {num_blocks}] for {model}, got {blocks_in_head}")
-    if not 0.0 <= sparsity_ < 1.0:
-        raise ValueError(f"--sparsity must be in [0, 1), got {sparsity_}")
-
-
-def default_blocks_in_head(model, num_blocks):
-    """The paper's value where it gives one (App. E.2), else about 2/3 of the blocks."""
-    return models.DEFAULT_BLOCKS_IN_HEAD.get(model, max(1, round(2 * num_blocks / 3)))
 
 
 def build(model, num_heads=3, blocks_in_head=None, full_ensemble=False, **model_kwargs):
@@ -214,6 +99,33 @@ def _named(base, start, with_stem):
     parts = [("stem", base.stem)] if with_stem else []
     parts += [(f"block{j}", base.blocks[j]) for j in range(start, len(base.blocks))]
     return nn.Sequential(OrderedDict(parts + [("tail", base.tail)]))
+
+
+class Members(nn.Module):
+    """Full-ensemble forward in training: member i on its own batch xs[i] (each member has its own
+    data order); one module, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.heads = net.heads
+
+    def forward(self, xs):
+        return torch.stack([head(x) for head, x in zip(self.heads, xs)])
+
+
+def validate(model, num_heads, blocks_in_head, num_blocks, sparsity_, full_ensemble=False):
+    """Raise ValueError with one line naming the flag and its valid range."""
+    if not 1 <= num_heads <= MAX_HEADS:
+        raise ValueError(f"--num-heads must be in [1, {MAX_HEADS}], got {num_heads}")
+    if not full_ensemble and not 1 <= blocks_in_head <= num_blocks:
+        raise ValueError(f"--blocks-in-head must be in [1, {num_blocks}] for {model}, got {blocks_in_head}")
+    if not 0.0 <= sparsity_ < 1.0:
+        raise ValueError(f"--sparsity must be in [0, 1), got {sparsity_}")
+
+
+def default_blocks_in_head(model, num_blocks):
+    """The paper's value where it gives one (App. E.2), else about 2/3 of the blocks."""
+    return models.DEFAULT_BLOCKS_IN_HEAD.get(model, max(1, round(2 * num_blocks / 3)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,6 +210,86 @@ def build_masks(net, sparsity_, allocation="global", init="er", seed=0, **dst):
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# The method table (Sec. 4, App. E.2): every method of the paper is a setting of one network and
+# one training loop. Scripts ask this table; they never compare method names.
+
+
+class Method(NamedTuple):
+    single: bool          # M = 1 whatever --num-heads says (the dense base network)
+    full_ensemble: bool   # M independent whole models, no shared backbone, each on its own data order
+    sparse: bool          # trains at sparsity S (ER/ERK masks); False: dense, S = 0
+    evolves: bool         # the topology changes by DST every Delta T steps (prune + regrow)
+    loss: str             # "mean": L = 1/M sum_i L_i (Sec. 3); "sum": each member trains as if alone
+    epochs: str           # which epoch budget of a recipe it gets: dense | treenet | sparse | pruning
+    prunes: bool = False  # dense until half-way, then one-shot global magnitude pruning, then fixed
+
+    @property
+    def masked_at_start(self):
+        return self.sparse and not self.prunes
+
+
+METHODS = {
+    "neurotrails": Method(single=False, full_ensemble=False, sparse=True, evolves=True, loss="mean", epochs="sparse"),
+    "single": Method(single=True, full_ensemble=False, sparse=False, evolves=False, loss="mean", epochs="dense"),
+    "treenet": Method(single=False, full_ensemble=False, sparse=False, evolves=False, loss="mean", epochs="treenet"),
+    "ensemble": Method(single=False, full_ensemble=True, sparse=False, evolves=False, loss="sum", epochs="dense"),
+    "static": Method(single=False, full_ensemble=False, sparse=True, evolves=False, loss="mean", epochs="sparse"),
+    "pruning": Method(single=False, full_ensemble=False, sparse=True, evolves=False, loss="mean", epochs="pruning",
+                      prunes=True),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training budgets (App. E.3, Tables 11-14): the paper gives each method its own length, chosen so
+# that training FLOPs stay near one dense network's; comparing at equal epochs is another experiment.
+
+BUDGETS = ("paper", "equal", "flops", "density")
+
+
+def method_budget(mode, dense_budget, paper_ratio, sparsity_, step_cost):
+    """Epochs (vision) or updates (language) of one method, from the single dense network's E.
+
+    paper:   round(ratio x E), the method's ratio in the paper's table for the dataset.
+    equal:   E for every method.
+    flops:   round(E / c), c = the method's training FLOPs per step / the single network's, so the
+             run costs what E steps of the single network cost (within half an epoch).
+    density: floor(E / (1 - S)), the 1/(1-S) extension limit (Evci et al. 2020), E for dense methods.
+    step_cost() gives c; only `flops` calls it (it builds the network on the meta device).
+    """
+    if mode == "paper":
+        return max(1, round(paper_ratio * dense_budget))
+    if mode == "equal":
+        return dense_budget
+    if mode == "flops":
+        # the run's training FLOPs = c x steps; equal to the single network's E steps at E / c
+        return max(1, round(dense_budget / step_cost()))
+    if mode == "density":
+        return math.floor(dense_budget / (1 - sparsity_) + 1e-6)  # 1e-6: 10,000 / 0.9 = 11,111
+    raise ValueError(f"--budget must be one of {', '.join(BUDGETS)}, got {mode!r}")
+
+
+def param_groups(net, head_lr_scale=1.0):
+    """Optimizer parameter groups: the backbone at the base learning rate, the heads at
+    head_lr_scale x it (the loop sets group lr = lr x group["lr_scale"]). Why: the loss is the mean
+    over heads (Sec. 3), so under SGD each head's gradient, and so its step, is 1/M of what it
+    would be alone; head_lr_scale = M gives every head the step size of a single network."""
+    groups = [{"params": list(net.backbone.parameters()), "lr_scale": 1.0},
+              {"params": list(net.heads.parameters()), "lr_scale": head_lr_scale}]
+    return [g for g in groups if g["params"]]  # a full ensemble has no backbone parameters
+
+
+def num_heads_of(method, num_heads):
+    """M of a run: 1 for the single network, else --num-heads."""
+    return 1 if METHODS[method].single else num_heads
+
+
+def build_from_config(config, **model_kwargs):
+    """The network of a run's config (model, method, M, |F_h|), freshly initialised."""
+    return build(config["model"], config["num_heads"], config["blocks_in_head"],
+                 METHODS[config["method"]].full_ensemble, **model_kwargs)
+
+
 def summary(net, dens):
     """Per masked tensor and per component: parameters, active parameters, density."""
     tensors, comps = [], {}
@@ -328,8 +320,10 @@ def _print_summary(config, s):
         print(f"{name:<10} {c['params']:>14,} {c['active']:>14,} {c['density']:>8.4f}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Command-line values, run folders and checkpoints: shared by every script of the project
+# ==============================================================================================
+# Run plumbing, shared by the project's scripts; not the method. Command-line values and errors,
+# run folders, checkpoints, --config, sweeps and results files. A reader of the method can stop here.
+# ==============================================================================================
 
 MAX_HEADS = 64  # M above this is a typo, not an experiment (the paper goes to M = 20, Fig. 6)
 
