@@ -328,6 +328,17 @@ def _print_summary(config, s):
 MAX_HEADS = 64  # M above this is a typo, not an experiment (the paper goes to M = 20, Fig. 6)
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """--help shows every flag's default, unless its text already says it (defaults that the
+    dataset's or model's recipe fills in are None here, and their help names them)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage dump): error() for a bad flag (exit code 2, like
     argparse's own), fail() for what went wrong after parsing (exit code 1). The project's one
@@ -336,6 +347,7 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         # No abbreviated flags: a sweep rewrites flags by their full names, and --out must not
         # hide behind --o.
+        kwargs.setdefault("formatter_class", HelpWithDefaults)
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
     context = None  # set while checking values read from a file: errors then name it
@@ -386,15 +398,16 @@ def float_in(lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
     return parse
 
 
-def add_arguments(ap, sparsity=0.8, sparsity_help="", with_sparsity=True, dst=False, delta_t=None, delta_t_help=""):
+def add_arguments(ap, sparsity=0.8, sparsity_help="", with_sparsity=True, dst=False, delta_t=None, delta_t_help="",
+                  blocks_help="the paper's: 8 for WRN-28-10 and llama-130m, 10 for ResNet-50, 16 for llama-350m, "
+                              "else about 2/3 of the blocks"):
     """The NeuroTrails flags shared by every command line, declared once: M, |F_h|, S (unless
     with_sparsity is False), layerwise allocation and init; with dst, the DST flags too: regrowth
     rule, drop fraction p0 and Delta T."""
     ap.add_argument("--num-heads", type=int_in(1, MAX_HEADS), default=3,
                     help=f"M, heads or ensemble members, in [1, {MAX_HEADS}] (single: 1)")
     ap.add_argument("--blocks-in-head", type=int_in(1), default=None,
-                    help="|F_h|, blocks (decoder layers) per head (default: the paper's, 8 for WRN-28-10 and "
-                         "llama-130m, 10 for ResNet-50, 16 for llama-350m, else about 2/3 of the blocks)")
+                    help=f"|F_h|, blocks per head (default: {blocks_help})")
     if with_sparsity:
         ap.add_argument("--sparsity", type=float_in(0, 1, hi_open=True), default=sparsity,
                         help=f"S in [0, 1), the fraction of masked weights that are zero{sparsity_help}")
@@ -831,9 +844,10 @@ def add_sweep_arguments(ap):
     ap.add_argument("--sweep", action="append", default=[], metavar="FLAG=V1,V2,...",
                     help="run every value of FLAG (any flag that takes a value, e.g. blocks-in-head=1,2,4,8 or "
                          "method=single,treenet); repeat for a product grid; one run folder per point under --out "
-                         "(named by its values); re-running the same command skips finished points and resumes "
-                         "interrupted ones; points another process is running are left to it, so several "
-                         "processes can share one grid")
+                         "(named by its values), all run in this process; re-running the same command skips finished "
+                         "points (those whose stored config is the one it would run now; --overwrite re-runs points "
+                         "whose stored run differs) and resumes interrupted ones; points another process is running "
+                         "are left to it, so several processes can share one grid")
     ap.add_argument("--seeds", default=None, metavar="S1,S2,...",
                     help="run every point of the grid with each of these seeds (default: --seed)")
 

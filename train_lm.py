@@ -433,7 +433,9 @@ def parse_args(argv=None):
     ap.add_argument("--compare", default=None,
                     help="comma-separated methods to train one after another, then print one comparison table")
     neurotrails.add_arguments(ap, 0.1, " of sparse methods (dense methods: 0)", dst=True, delta_t=50,
-                              delta_t_help=" (default: 50)")
+                              delta_t_help=" (default: 50)",
+                              blocks_help="the paper's: 8 decoder layers for llama-130m, 16 for llama-350m, else "
+                                          "about 2/3 of the layers")
     ap.add_argument("--prune", default="soft-magnitude", choices=["soft-magnitude", "magnitude"],
                     help="pruning: survivors sampled with probability ~ |w|^T (Zhang 2025), or smallest |w|")
     ap.add_argument("--temperature", type=float_in(0, 1e3, lo_open=True), default=3.0,

@@ -263,7 +263,9 @@ def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0, go
                 else:
                     x, y = batches[0]
                     loss = neurotrails.ensemble_loss(forward(x), y)
-            if not torch.isfinite(loss):  # before the step: the weights stay as they were
+            # On the CPU the check is free: before the step, so the weights stay as they were. On a GPU
+            # it would wait for the device every step; there the end-of-epoch check below catches it.
+            if device == "cpu" and not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}; "
                                          f"{neurotrails.last_good(good)}")
 
@@ -340,6 +342,9 @@ def run(cfg, resume=None, overwrite=False):
     if rank == 0:
         neurotrails.check_run_folder(out, resume, overwrite)
     train_data, test_data = load_data(cfg["dataset"], cfg["data_dir"], cfg["train_subset"], cfg["test_subset"])
+    if isinstance(train_data, dict) and cfg["device"] != "cpu":  # small datasets live on the GPU, as uint8
+        train_data, test_data = ({**d, "x": d["x"].to(cfg["device"]), "y": d["y"].to(cfg["device"])}
+                                 for d in (train_data, test_data))
     steps_per_epoch = num_train(train_data) // cfg["batch_size"]
     if steps_per_epoch < 1:
         raise ValueError(f"--batch-size {cfg['batch_size']} is larger than the training set ({num_train(train_data)})")
@@ -461,9 +466,10 @@ def parse_args(argv=None):
     ap.add_argument("--compare", default=None,
                     help="comma-separated methods to train one after another, then print one comparison table")
     ap.add_argument("--model", default=None, help="base network (default per dataset: wrn28-10, resnet50, wrn16-4): "
-                    + ", ".join(models.model_names()))
+                    + ", ".join(n for n in models.model_names() if not models.is_language_model(n)))
     neurotrails.add_arguments(ap, None, " (default: 0.8; ImageNet 0.7); dense methods use 0", dst=True,
-                              delta_t_help=" (default: 100; ImageNet 1000)")
+                              delta_t_help=" (default: 100; ImageNet 1000)",
+                              blocks_help="the paper's: 8 for WRN-28-10, 10 for ResNet-50, else about 2/3 of the blocks")
     ap.add_argument("--aggregate", default="probs", choices=["probs", "logits"],
                     help="ensemble prediction: mean of probabilities (paper) or of logits (released code)")
     ap.add_argument("--epochs", dest="dense_epochs", type=int_in(1), default=None,
