@@ -698,7 +698,7 @@ SUMMARY_COLUMNS = {  # column -> (header, scale, digits)
     "acc": ("accuracy %", 100, 2), "nll": ("NLL", 1, 3), "ece": ("ECE", 1, 3), "pd_any": ("PD any %", 100, 1),
     "pd_pairwise": ("PD pairwise %", 100, 1), "head_acc_mean": ("head acc %", 100, 2),
     "ppl": ("perplexity", 1, 2), "ppl_logits": ("ppl (mean of logits)", 1, 2),
-    "best_acc": ("best-epoch acc % (test-selected)", 100, 2),
+    "best_acc": ("best-epoch acc % (test-selected)", 100, 2), "epochs": ("epochs", 1, 0),
     "infer_flops_vs_single": ("inference FLOPs vs single", 1, 3),
     "train_flops_vs_single": ("training FLOPs vs single", 1, 2), "active_params": ("active params", 1, 0),
     "train_time_s": ("train time s", 1, 0)}
@@ -903,9 +903,16 @@ def run_title(runs, keys):
     parts = [cfg.get("dataset"), cfg.get("model")]
     if "train_subset" not in keys and cfg.get("train_subset"):
         parts.append(f"{cfg['train_subset']:,} train images")
-    for key in ("epochs", "updates"):
-        if key not in keys and cfg.get(key):
-            parts.append(f"{cfg[key]:,} {key if cfg[key] > 1 else key[:-1]}")
+    if "dense_epochs" in cfg or "dense_updates" in cfg:  # a budget: E and the mode, unless swept
+        unit, e = ("epochs", "dense_epochs") if "dense_epochs" in cfg else ("updates", "dense_updates")
+        if e not in keys:
+            parts.append(f"E = {cfg[e]:,} {unit}")
+        if "budget" not in keys:
+            parts.append(f"budget: {cfg.get('budget')}")
+    else:
+        for key in ("epochs", "updates"):
+            if key not in keys and cfg.get(key):
+                parts.append(f"{cfg[key]:,} {key if cfg[key] > 1 else key[:-1]}")
     return ", ".join(str(p) for p in parts if p)
 
 
@@ -915,18 +922,50 @@ def plot_vs(rows, keys, x, panels, path, title):
     plt = _pyplot()
     others = [k for k in keys if k != x]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    styles = arm_styles([(dict(zip(others, values)), members[0]["method"]) for values, members
+                         in groups(rows, others).items()])
     for ax, (col, ylabel, scale) in zip(axes[0], panels):
-        for values, members in groups(rows, others).items():
+        for (values, members), style in zip(groups(rows, others).items(), styles):
             by_x = groups(members, [x])
             xs = sorted(v[0] for v in by_x)
             stats = [mean_std([scale * r[col] for r in by_x[(v,)]]) for v in xs]
-            ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
+            ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3, **style,
                         label=group_label(values, others, method=members[0]["method"]))
-        ax.set(xlabel=x.replace("_", " "), ylabel=ylabel)
+        if x == "train_flops_vs_single":  # equal compute with the single network at E reads off this line
+            ax.axvline(1.0, color="gray", lw=0.8, ls=":")
+        ax.set(xlabel=AXIS_NAMES.get(x, x.replace("_", " ")), ylabel=ylabel)
         ax.grid(alpha=0.3)
         if all(float(v).is_integer() for v in (r[x] for r in rows)):
             ax.xaxis.get_major_locator().set_params(integer=True)
-    _save(plt, fig, axes[0][0], path, f"{title} (mean ± std over seeds)")
+    _save(plt, fig, axes[0][0], path, f"{title} ({seeds_note(rows)})")
+
+
+# One colour per method and arm in every figure, from Okabe & Ito's colour-blind-safe palette;
+# the budget mode is the marker.
+ARM_COLORS = {"single": "#000000", "treenet": "#E69F00", "ensemble": "#0072B2", "neurotrails": "#D55E00",
+              "neurotrails-head-lr": "#CC79A7", "static": "#56B4E9", "pruning": "#009E73"}
+BUDGET_MARKERS = {"paper": "o", "flops": "s", "equal": "^", "density": "D"}
+AXIS_NAMES = {"train_flops_vs_single": "training FLOPs / single network's at E", "dense_epochs": "E (dense epochs)",
+              "blocks_in_head": "|F_h|, blocks per head", "num_heads": "M, heads", "sparsity": "sparsity S"}
+
+
+def arm_styles(points):
+    """matplotlib styles for [(swept values, method)]: colour by method (NeuroTrails with a head
+    learning-rate scale > 1 has its own), marker by budget; points that would look alike get
+    different line styles."""
+    styles, seen = [], {}
+    for values, method in points:
+        arm = "neurotrails-head-lr" if method == "neurotrails" and float(values.get("head_lr_scale") or 1) > 1 \
+            else method
+        look = (ARM_COLORS.get(arm), BUDGET_MARKERS.get(values.get("budget"), "o"))
+        n = seen[look] = seen.get(look, -1) + 1
+        styles.append({"color": look[0], "marker": look[1], "ls": ("-", "--", ":", "-.")[n % 4]})
+    return styles
+
+
+def seeds_note(rows):
+    seeds = sorted({r["seed"] for r in rows})
+    return f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else f"one seed ({seeds[0]})"
 
 
 def plot_goldilocks(rows, keys, path, title):
@@ -949,7 +988,7 @@ def plot_goldilocks(rows, keys, path, title):
     _save(plt, fig, ax, path, f"{title}\naccuracy vs disagreement (mean ± std over seeds)")
 
 
-def plot_over_training(runs, keys, x, panels, path, title, note=" (mean ± std over seeds)"):
+def plot_over_training(runs, keys, x, panels, path, title, note=None):
     """Fig. 5 and the LM curves: metrics over epochs / updates from the logs, a line per point of
     the grid (mean over its seeds, band = +- std where seeds share the x values)."""
     plt = _pyplot()
@@ -961,8 +1000,11 @@ def plot_over_training(runs, keys, x, panels, path, title, note=" (mean ± std o
     by_point = {}
     for r in runs:
         by_point.setdefault(tuple(r["config"].get(k) for k in keys), []).append(r)
+    looks = arm_styles([(dict(zip(keys, values)), members[0]["config"].get("method"))
+                        for values, members in by_point.items()])
     for i, (values, members) in enumerate(by_point.items()):
-        color, label = f"C{i % 10}", group_label(values, keys, method=members[0]["config"].get("method"))
+        color = looks[i]["color"] or f"C{i % 10}"
+        label = group_label(values, keys, method=members[0]["config"].get("method"))
         for ax, (col, ylabel, scale) in zip(axes.flat, panels):
             logs = [log for log in ([e for e in m["log"] if col in e] for m in members) if log]
             if not logs:
@@ -982,6 +1024,8 @@ def plot_over_training(runs, keys, x, panels, path, title, note=" (mean ± std o
             ax.grid(alpha=0.3)
             if x == "epoch":
                 ax.xaxis.get_major_locator().set_params(integer=True)
+    if note is None:
+        note = f" ({seeds_note([r['config'] for r in runs])})" if all("seed" in r["config"] for r in runs) else ""
     _save(plt, fig, axes[0][0], path, title + note)
 
 

@@ -366,6 +366,7 @@ def test_a_point_another_process_is_running_is_left_to_it(tmp_path, capsys):
 
 def finished_point(folder, config):
     folder.mkdir(parents=True)
+    (folder / "log.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")
     (folder / "results.json").write_text(json.dumps({"config": config, "metrics": {}}))
 
 
