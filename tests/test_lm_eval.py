@@ -114,6 +114,36 @@ metric_list:
     assert result["tiny_mc"]["acc"] == pytest.approx(sum(correct) / len(docs))
 
 
+def write_tiny_task(folder):
+    docs = [{"question": "Return a new", "choices": ["list of strings", "zebra crossing"], "answer": 0},
+            {"question": "A path", "choices": ["object", "banana"], "answer": 0}]
+    (folder / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / "tiny_mc.yaml").write_text(
+        f"task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'docs.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{question}}\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n")
+
+
+def test_the_lm_eval_command_scores_an_exported_head_from_the_repository_root(checkpoint, tmp_path):
+    """The README's path: export-hf, then the harness' own `lm_eval --model hf` on one head, run
+    from the repository root (where this project's evaluate.py must not stand in for HF's)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    evaluate.export_hf_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf")])
+    write_tiny_task(tmp_path)
+    lm_eval = Path(sys.executable).parent / "lm_eval"
+    done = subprocess.run([str(lm_eval), "--model", "hf", "--model_args", f"pretrained={tmp_path / 'hf' / 'head1'}",
+                           "--tasks", "tiny_mc", "--include_path", str(tmp_path), "--device", "cpu",
+                           "--output_path", str(tmp_path / "out")], cwd=root, capture_output=True, text=True,
+                          timeout=600, env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1",
+                                            "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = [json.loads(p.read_text()) for p in (tmp_path / "out").rglob("results*.json")]
+    assert results and 0 <= results[0]["results"]["tiny_mc"]["acc,none"] <= 1
+
+
 def test_cli_offline_without_local_tasks_fails_in_one_line(checkpoint, monkeypatch, capsys):
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
