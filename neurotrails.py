@@ -994,6 +994,24 @@ def _stored_config(folder):
     return None
 
 
+class Heartbeat:
+    """Off a terminal (no progress bar): one line every `every` seconds, e.g. `epoch 3: step 120/390
+    | loss 1.234 | 212 ms/step | ETA 57 s`. `beat(done, loss)` per step; loss is read (a device
+    sync) only when a line is printed."""
+
+    def __init__(self, what, total, every=60.0, enabled=None):
+        self.what, self.total, self.every = what, total, every
+        self.enabled = (not sys.stdout.isatty()) if enabled is None else enabled
+        self.start = self.last = time.perf_counter()
+
+    def beat(self, done, loss):
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= self.every and done:
+            self.last, per_step = now, (now - self.start) / done
+            print(f"{self.what}: step {done}/{self.total} | loss {float(loss):.3f} | {1000 * per_step:.0f} ms/step | "
+                  f"ETA {per_step * (self.total - done):.0f} s", flush=True)
+
+
 def machine_info():
     """CPU model, core count and the ISA flags that decide kernel speed; the GPU if any."""
     cpu, flags, ids = "", set(), {}

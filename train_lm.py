@@ -82,6 +82,158 @@ VALIDATION_EVERY = 20  # --dataset text: every 20th file (sorted by path) is hel
 
 
 # ----------------------------------------------------------------------------------------------
+# The training loop
+
+
+def bf16_autocast(cfg):
+    """bf16 autocast on the run's device when --bf16 is on (a no-op context otherwise)."""
+    return torch.autocast(cfg["device"].split(":")[0], torch.bfloat16, enabled=cfg["bf16"])
+
+
+def head_nll_sums(logits, targets):
+    """Token-summed cross-entropy of each head (M,): logits (M, B, T, V), targets (M or 1, B, T)."""
+    num_heads, vocab = logits.shape[0], logits.shape[-1]
+    targets = targets.expand(num_heads, *targets.shape[1:])
+    nll = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1), ignore_index=-100, reduction="none")
+    return nll.view(num_heads, -1).sum(1)
+
+
+def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_state=None, good=None, changed=None):
+    """Train from update `start` to cfg['updates'] (or --stop-after updates of this call); log,
+    evaluate and checkpoint on their intervals. Returns the last evaluation record.
+
+    good: the last checkpoint known to be finite (the one resumed from), named if training
+    diverges; changed: optimizer settings this resume changed, written into the first log line.
+
+    Under torchrun, DDP all-reduces the accumulated gradient once per update (no_sync on the other
+    micro-batches), so soft magnitude and RigL see the all-reduced accumulated gradient; every
+    topology update takes rank 0's masks; rank 0 alone evaluates, logs and saves.
+    """
+    out, device = Path(cfg["out"]), cfg["device"]
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    ensemble = neurotrails.METHODS[cfg["method"]].full_ensemble
+    members = cfg["num_heads"] if ensemble else 1
+    forward = neurotrails.Members(net) if ensemble else net
+    if world > 1:
+        forward = DistributedDataParallel(forward, device_ids=[torch.cuda.current_device()]
+                                          if device.startswith("cuda") else None)
+    sync = sparsity.broadcast_mask if world > 1 else None
+    autocast = bf16_autocast(cfg)
+    # the whole global batch, on every process
+    batches = Prefetcher(stream, members * cfg["batch_size"], cfg["data_workers"])
+    micro, per_rank = cfg["micro_batch_size"], cfg["batch_size"] // world
+    # "sum": each independent member trains as if alone; "mean": L = 1/M sum_i L_i (Sec. 3)
+    head_weight = 1.0 if neurotrails.METHODS[cfg["method"]].loss == "sum" else 1.0 / cfg["num_heads"]
+    end = cfg["updates"] if not cfg["stop_after"] else min(cfg["updates"], start + cfg["stop_after"])
+    record = None
+    log_loss, log_tokens, log_seconds, log_updates = 0.0, 0, 0.0, 0  # since the last log line
+    run_tokens, run_time = 0, 0.0  # this invocation's training tokens and seconds (evaluation excluded)
+    bar = tqdm(range(start, end), initial=start, total=cfg["updates"], desc="updates", leave=False,
+               disable=rank != 0 or not sys.stderr.isatty())
+    heartbeat = neurotrails.Heartbeat("updates", end - start, enabled=None if rank == 0 else False)
+    net.train()
+    for update in bar:
+        began = time.perf_counter()
+        lr = lr_at(update, cfg)  # App. E.2: linear warmup, then cosine to min_lr_ratio x lr
+        for group in opt.param_groups:
+            group["lr"] = lr * group["lr_scale"]  # the heads' group: --head-lr-scale x lr
+
+        # The batch: every process reads the whole global batch (members x batch sequences) and
+        # keeps its share, so an update sees the same data for any number of processes. The loss
+        # is normalised by the target tokens of the WHOLE update, counted before the split.
+        ids, targets = batches.take()
+        ids, targets = ids.view(members, cfg["batch_size"], -1), targets.view(members, cfg["batch_size"], -1)
+        counts = (targets != -100).flatten(1).sum(1).to(device).clamp(min=1)  # target tokens per member
+        ids, targets = ids[:, rank::world].to(device), targets[:, rank::world].to(device)  # this process's share
+
+        # Gradient accumulation over micro-batches: each adds its share of the update's mean loss,
+        # so the summed gradient equals that of one big batch (and the same under DDP).
+        opt.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        for j in range(0, per_rank, micro):
+            x, y = ids[:, j:j + micro], targets[:, j:j + micro]
+            last = j + micro >= per_rank
+            with nullcontext() if last or world == 1 else forward.no_sync():  # all-reduce once, at the last
+                with autocast:
+                    logits = forward(x) if ensemble else forward(x[0])
+                    # Sec. 3: L = 1/M sum_i L_i, each L_i the mean NLL over the update's target tokens.
+                    loss = (head_nll_sums(logits, y) / counts).sum() * head_weight
+                (loss * world).backward()  # DDP averages over processes; the loss is already a global mean
+            loss_sum += loss.detach()
+        if world > 1:
+            dist.all_reduce(loss_sum)
+        if not torch.isfinite(loss_sum):  # before the step: the model and the last checkpoint stay good
+            raise FloatingPointError(f"loss is {loss_sum.item()} at update {update + 1}; "
+                                     f"{neurotrails.last_good(good)}")
+
+        # Every Delta T updates, before the step: soft-magnitude prune + RigL regrow, scored on the
+        # accumulated (all-reduced) gradient of the loss. Then the step, and inactive weights back
+        # to exactly 0 (Adam's moments stay warm: see sparsity.py on regrown weights' first steps).
+        step = update + 1
+        if masks is not None and masks.is_update_step(step):
+            masks.update(step, opt, sync)
+        opt.step()
+        if masks is not None:
+            masks.apply_(opt)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()  # honest tokens/s: wait for the GPU before reading the clock
+        update_tokens, seconds = int(counts.sum()), time.perf_counter() - began
+        tokens += update_tokens
+        run_tokens, run_time = run_tokens + update_tokens, run_time + seconds
+        log_loss, log_tokens = log_loss + loss_sum.item(), log_tokens + update_tokens
+        log_seconds, log_updates = log_seconds + seconds, log_updates + 1
+        # Each interval on its own: a save every --save-every whatever --log-every is.
+        evaluate_now = step % cfg["eval_every"] == 0 or step == cfg["updates"]
+        log_now = step % cfg["log_every"] == 0 or evaluate_now or step == end
+        save_now = step % cfg["save_every"] == 0 or step == end
+
+        # Before a save: the whole state must be finite. A step can blow up with a finite loss,
+        # so the loss check above is not enough; nothing non-finite is logged as a result or saved.
+        if save_now:
+            state = {"model": net.state_dict(), "optimizer": opt.state_dict()}
+            bad = neurotrails.nonfinite_tensor(state)
+            if bad:
+                raise FloatingPointError(f"{bad} is NaN or inf after update {step}; nothing was saved; "
+                                         f"{neurotrails.last_good(good)}")
+
+        # Every --log-every updates (with perplexities every --eval-every): one log line.
+        if log_now and rank == 0:
+            record = {"update": step, "tokens": tokens, "loss": log_loss / log_updates, "lr": lr,
+                      "tokens_per_s": log_tokens / log_seconds, "interval_time_s": log_seconds,
+                      "density": neurotrails.component_densities(net, masks)}
+            if changed and step == start + 1:
+                record["resumed_with"] = changed
+            if evaluate_now:
+                record.update(evaluate.perplexity(net, val_batches, autocast))
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            line = (f"update {step}/{cfg['updates']} | loss {record['loss']:.4f} | lr {lr:.3g} | "
+                    f"{record['tokens_per_s']:,.0f} tok/s")
+            if evaluate_now:
+                line += f" | ppl {record['ppl']:.2f} (logits {record['ppl_logits']:.2f}; heads " + \
+                        " ".join(f"{p:.2f}" for p in record["ppl_heads"]) + ")"
+            (print if bar.disable else tqdm.write)(line)
+            sys.stdout.flush()
+        if log_now:
+            log_loss, log_tokens, log_seconds, log_updates = 0.0, 0, 0.0, 0
+        heartbeat.beat(step - start, loss_sum)  # off a terminal: a line a minute between log lines
+
+        # Every --save-every updates, and at the end of this invocation: the checkpoint.
+        if save_now and rank == 0:
+            neurotrails.save_checkpoint(out / "last.pt", SCRIPT, {
+                "config": cfg, "update": step, "tokens": tokens, **state,
+                "masks": masks.state_dict() if masks is not None else None,
+                "rng": torch.get_rng_state(), "data": batches.state, **(save_state or {})})
+            good = out / "last.pt"
+        if save_now and world > 1:
+            dist.barrier()
+    bar.close()
+    if record is not None:
+        record["run_tokens_per_s"] = run_tokens / max(run_time, 1e-9)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
 # Configuration
 
 
@@ -183,155 +335,6 @@ def build_run(cfg, vocab_size):
 def load_checkpoint(path, cfg=None, flag="--resume"):
     """A train_lm.py checkpoint; with cfg, refused unless it is from the same configuration."""
     return neurotrails.load_checkpoint(path, SCRIPT, flag, cfg, RESUMABLE_CHANGES)
-
-
-# ----------------------------------------------------------------------------------------------
-# The training loop
-
-
-def bf16_autocast(cfg):
-    """bf16 autocast on the run's device when --bf16 is on (a no-op context otherwise)."""
-    return torch.autocast(cfg["device"].split(":")[0], torch.bfloat16, enabled=cfg["bf16"])
-
-
-def head_nll_sums(logits, targets):
-    """Token-summed cross-entropy of each head (M,): logits (M, B, T, V), targets (M or 1, B, T)."""
-    num_heads, vocab = logits.shape[0], logits.shape[-1]
-    targets = targets.expand(num_heads, *targets.shape[1:])
-    nll = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1), ignore_index=-100, reduction="none")
-    return nll.view(num_heads, -1).sum(1)
-
-
-def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_state=None, good=None, changed=None):
-    """Train from update `start` to cfg['updates'] (or --stop-after updates of this call); log,
-    evaluate and checkpoint on their intervals. Returns the last evaluation record.
-
-    good: the last checkpoint known to be finite (the one resumed from), named if training
-    diverges; changed: optimizer settings this resume changed, written into the first log line.
-
-    Under torchrun, DDP all-reduces the accumulated gradient once per update (no_sync on the other
-    micro-batches), so soft magnitude and RigL see the all-reduced accumulated gradient; every
-    topology update takes rank 0's masks; rank 0 alone evaluates, logs and saves.
-    """
-    out, device = Path(cfg["out"]), cfg["device"]
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    ensemble = neurotrails.METHODS[cfg["method"]].full_ensemble
-    members = cfg["num_heads"] if ensemble else 1
-    forward = neurotrails.Members(net) if ensemble else net
-    if world > 1:
-        forward = DistributedDataParallel(forward, device_ids=[torch.cuda.current_device()]
-                                          if device.startswith("cuda") else None)
-    sync = sparsity.broadcast_mask if world > 1 else None
-    autocast = bf16_autocast(cfg)
-    # the whole global batch, on every process
-    batches = Prefetcher(stream, members * cfg["batch_size"], cfg["data_workers"])
-    micro, per_rank = cfg["micro_batch_size"], cfg["batch_size"] // world
-    # "sum": each independent member trains as if alone; "mean": L = 1/M sum_i L_i (Sec. 3)
-    head_weight = 1.0 if neurotrails.METHODS[cfg["method"]].loss == "sum" else 1.0 / cfg["num_heads"]
-    end = cfg["updates"] if not cfg["stop_after"] else min(cfg["updates"], start + cfg["stop_after"])
-    record, window = None, [0.0, 0, 0.0, 0]  # since the last log line: loss sum, tokens, seconds, updates
-    run_tokens, run_time = 0, 0.0  # this invocation's training tokens and seconds (evaluation excluded)
-    bar = tqdm(range(start, end), initial=start, total=cfg["updates"], desc="updates", leave=False,
-               disable=rank != 0 or not sys.stderr.isatty())
-    net.train()
-    for update in bar:
-        began = time.perf_counter()
-        lr = lr_at(update, cfg)  # App. E.2: linear warmup, then cosine to min_lr_ratio x lr
-        for group in opt.param_groups:
-            group["lr"] = lr * group["lr_scale"]  # the heads' group: --head-lr-scale x lr
-
-        # The batch: every process reads the whole global batch (members x batch sequences) and
-        # keeps its share, so an update sees the same data for any number of processes. The loss
-        # is normalised by the target tokens of the WHOLE update, counted before the split.
-        ids, targets = batches.take()
-        ids, targets = ids.view(members, cfg["batch_size"], -1), targets.view(members, cfg["batch_size"], -1)
-        counts = (targets != -100).flatten(1).sum(1).to(device).clamp(min=1)  # target tokens per member
-        ids, targets = ids[:, rank::world].to(device), targets[:, rank::world].to(device)  # this process's share
-
-        # Gradient accumulation over micro-batches: each adds its share of the update's mean loss,
-        # so the summed gradient equals that of one big batch (and the same under DDP).
-        opt.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
-        for j in range(0, per_rank, micro):
-            x, y = ids[:, j:j + micro], targets[:, j:j + micro]
-            last = j + micro >= per_rank
-            with nullcontext() if last or world == 1 else forward.no_sync():  # all-reduce once, at the last
-                with autocast:
-                    logits = forward(x) if ensemble else forward(x[0])
-                    # Sec. 3: L = 1/M sum_i L_i, each L_i the mean NLL over the update's target tokens.
-                    loss = (head_nll_sums(logits, y) / counts).sum() * head_weight
-                (loss * world).backward()  # DDP averages over processes; the loss is already a global mean
-            loss_sum += loss.detach()
-        if world > 1:
-            dist.all_reduce(loss_sum)
-        if not torch.isfinite(loss_sum):  # before the step: the model and the last checkpoint stay good
-            raise FloatingPointError(f"loss is {loss_sum.item()} at update {update + 1}; "
-                                     f"{neurotrails.last_good(good)}")
-
-        # Every Delta T updates, before the step: soft-magnitude prune + RigL regrow, scored on the
-        # accumulated (all-reduced) gradient of the loss. Then the step, and inactive weights back
-        # to exactly 0 (Adam's moments stay warm: see sparsity.py on regrown weights' first steps).
-        step = update + 1
-        if masks is not None and masks.is_update_step(step):
-            masks.update(step, opt, sync)
-        opt.step()
-        if masks is not None:
-            masks.apply_(opt)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()  # honest tokens/s: wait for the GPU before reading the clock
-        update_tokens, seconds = int(counts.sum()), time.perf_counter() - began
-        tokens += update_tokens
-        run_tokens, run_time = run_tokens + update_tokens, run_time + seconds
-        window = [w + v for w, v in zip(window, (loss_sum.item(), update_tokens, seconds, 1))]
-        # Each interval on its own: a save every --save-every whatever --log-every is.
-        evaluate_now = step % cfg["eval_every"] == 0 or step == cfg["updates"]
-        log_now = step % cfg["log_every"] == 0 or evaluate_now or step == end
-        save_now = step % cfg["save_every"] == 0 or step == end
-
-        # Before a save: the whole state must be finite. A step can blow up with a finite loss,
-        # so the loss check above is not enough; nothing non-finite is logged as a result or saved.
-        if save_now:
-            state = {"model": net.state_dict(), "optimizer": opt.state_dict()}
-            bad = neurotrails.nonfinite_tensor(state)
-            if bad:
-                raise FloatingPointError(f"{bad} is NaN or inf after update {step}; nothing was saved; "
-                                         f"{neurotrails.last_good(good)}")
-
-        # Every --log-every updates (with perplexities every --eval-every): one log line.
-        if log_now and rank == 0:
-            loss_window, tokens_window, time_window, updates_window = window
-            record = {"update": step, "tokens": tokens, "loss": loss_window / updates_window, "lr": lr,
-                      "tokens_per_s": tokens_window / time_window, "interval_time_s": time_window,
-                      "density": neurotrails.component_densities(net, masks)}
-            if changed and step == start + 1:
-                record["resumed_with"] = changed
-            if evaluate_now:
-                record.update(evaluate.perplexity(net, val_batches, autocast))
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            line = (f"update {step}/{cfg['updates']} | loss {record['loss']:.4f} | lr {lr:.3g} | "
-                    f"{record['tokens_per_s']:,.0f} tok/s")
-            if evaluate_now:
-                line += f" | ppl {record['ppl']:.2f} (logits {record['ppl_logits']:.2f}; heads " + \
-                        " ".join(f"{p:.2f}" for p in record["ppl_heads"]) + ")"
-            (print if bar.disable else tqdm.write)(line)
-            sys.stdout.flush()
-        if log_now:
-            window = [0.0, 0, 0.0, 0]
-
-        # Every --save-every updates, and at the end of this invocation: the checkpoint.
-        if save_now and rank == 0:
-            neurotrails.save_checkpoint(out / "last.pt", SCRIPT, {
-                "config": cfg, "update": step, "tokens": tokens, **state,
-                "masks": masks.state_dict() if masks is not None else None,
-                "rng": torch.get_rng_state(), "data": batches.state, **(save_state or {})})
-            good = out / "last.pt"
-        if save_now and world > 1:
-            dist.barrier()
-    bar.close()
-    if record is not None:
-        record["run_tokens_per_s"] = run_tokens / max(run_time, 1e-9)
-    return record
 
 
 # ----------------------------------------------------------------------------------------------

@@ -87,6 +87,121 @@ RESUMABLE_CHANGES = {"data_dir", "out", "device", "workers", "eval_every", "bf16
 
 
 # ----------------------------------------------------------------------------------------------
+# The training loop
+
+
+def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0, good=None, changed=None):
+    """Train from start_epoch to cfg['epochs']; evaluate, log and checkpoint after every epoch.
+
+    good: the last checkpoint known to be finite (the one resumed from), named if training
+    diverges; changed: optimizer settings this resume changed, written into the first log line.
+    A state with NaN or inf anywhere (weights, BatchNorm statistics, momentum) is never evaluated
+    as a result nor saved: the run stops with exit code 1 and names `good`.
+
+    Under torchrun: DistributedDataParallel averages the gradients (so RigL scores the all-reduced
+    gradient), every topology update takes rank 0's masks, and only rank 0 evaluates, logs and saves.
+    """
+    out, device, method = Path(cfg["out"]), cfg["device"], neurotrails.METHODS[cfg["method"]]
+    members = cfg["num_heads"] if method.full_ensemble else 1  # data streams: one per independent member
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    forward = neurotrails.Members(net) if method.full_ensemble else net
+    if world > 1:
+        forward = DistributedDataParallel(forward, device_ids=[torch.cuda.current_device()]
+                                          if device.startswith("cuda") else None)
+    sync = sparsity.broadcast_mask if world > 1 else None  # every topology update takes rank 0's masks
+    steps_per_epoch = num_train(train_data) // cfg["batch_size"]
+    prune_step = cfg["epochs"] * steps_per_epoch // 2  # pruning baseline: half-way
+    autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=cfg["bf16"])
+    record = None
+    for epoch in range(start_epoch, cfg["epochs"]):
+        net.train()
+        start, loss_sum = time.perf_counter(), torch.zeros((), device=device)
+        heartbeat = neurotrails.Heartbeat(f"epoch {epoch + 1}", steps_per_epoch, enabled=None if rank == 0 else False)
+        streams = [train_batches(train_data, cfg["batch_size"], cfg["seed"], epoch, i, cfg["dataset"], device,
+                                 cfg["workers"], rank, world) for i in range(members)]
+        for batches in tqdm(zip(*streams), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
+                            leave=False, disable=rank != 0 or not sys.stderr.isatty()):
+            lr = lr_at(epoch + (step - epoch * steps_per_epoch) / steps_per_epoch, cfg)  # x0.1 at 25, 50, 75 %
+            for group in opt.param_groups:
+                group["lr"] = lr * group["lr_scale"]  # the heads' group: --head-lr-scale x lr
+            step += 1
+            if cfg["channels_last"]:
+                batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
+
+            # The loss. Full ensemble: L = sum_i CE(F_i(x_i), y_i), each member on its own batch, so
+            # each trains exactly as alone. Otherwise Sec. 3: L = 1/M sum_i CE(F_h^i(F_s(x)), y).
+            with autocast:
+                if method.loss == "sum":
+                    logits = forward(torch.stack([x for x, _ in batches]))
+                    loss = sum(F.cross_entropy(z, y) for z, (_, y) in zip(logits, batches))
+                else:
+                    x, y = batches[0]
+                    loss = neurotrails.ensemble_loss(forward(x), y)
+            # On the CPU the check is free: before the step, so the weights stay as they were. On a GPU
+            # it would wait for the device every step; there the end-of-epoch check below catches it.
+            if device == "cpu" and not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}; "
+                                         f"{neurotrails.last_good(good)}")
+
+            # The backward is dense, so p.grad is the dense gradient of the loss that RigL scores.
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            loss_sum += loss.detach()
+
+            # Every Delta T steps, BEFORE the step (a foreach SGD adds momentum into p.grad):
+            # prune the smallest |w|, regrow as many by |grad| (RigL) or at random (SET).
+            if masks is not None and masks.is_update_step(step):
+                masks.update(step, opt, sync)
+
+            # The step; then the weights outside the masks (and their momentum) back to exactly 0.
+            opt.step()
+            if masks is not None:
+                masks.apply_(opt)
+
+            # Pruning baseline, once, half-way: global magnitude pruning to 1 - S, then a fixed topology.
+            if method.prunes and step == prune_step:  # weights are equal on all ranks
+                masks = prune_to_fixed_topology(net, cfg)
+            heartbeat.beat(step - epoch * steps_per_epoch, loss)  # off a terminal: a line a minute
+        train_time = time.perf_counter() - start
+
+        # Every epoch, all ranks: the whole state must be finite. A step can blow up with a finite
+        # loss (inf BatchNorm variance, huge weights); such a state is never evaluated or saved.
+        state = {"model": net.state_dict(), "optimizer": opt.state_dict()}
+        bad = neurotrails.nonfinite_tensor(state)
+        if bad:
+            raise FloatingPointError(f"{bad} is NaN or inf after epoch {epoch + 1}; nothing was saved; "
+                                     f"{neurotrails.last_good(good)}")
+
+        # Every --eval-every epochs and at the last, rank 0: the test metrics (the test set never
+        # selects anything); every epoch one log line.
+        if rank == 0:
+            evaluated = (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]
+            record = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": loss_sum.item() / steps_per_epoch,
+                      **(test_metrics(net, test_data, cfg) if evaluated else {}),
+                      "density": neurotrails.component_densities(net, masks),
+                      "epoch_time_s": train_time, "ms_per_step": 1000 * train_time / steps_per_epoch}
+            if changed and epoch == start_epoch:
+                record["resumed_with"] = changed
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            test = (f"| acc {100 * record['acc']:.1f}% | nll {record['nll']:.3f} | ece {record['ece']:.3f} "
+                    f"| pd {100 * record['pd_any']:.1f}% " if evaluated else "")
+            print(f"epoch {epoch + 1}/{cfg['epochs']} | loss {record['train_loss']:.3f} | lr {lr:.4g} {test}| "
+                  f"{record['ms_per_step']:.0f} ms/step", flush=True)
+
+        # Every epoch, rank 0: the checkpoint (atomic; the other ranks wait for it).
+        if rank == 0:
+            neurotrails.save_checkpoint(out / "last.pt", SCRIPT, {
+                "config": cfg, "epoch": epoch + 1, "step": step, **state,
+                "masks": masks.state_dict() if masks is not None else None, "rng": torch.get_rng_state(),
+                "model_kwargs": model_kwargs(cfg["dataset"]), "input_shape": input_shape(cfg["dataset"])})
+            good = out / "last.pt"
+        if world > 1:
+            dist.barrier()
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
 # Configuration
 
 
@@ -211,119 +326,6 @@ def prune_to_fixed_topology(net, cfg):
 def load_checkpoint(path, cfg=None, flag="--resume"):
     """A train_vision.py checkpoint; with cfg, refused unless it is from the same configuration."""
     return neurotrails.load_checkpoint(path, SCRIPT, flag, cfg, RESUMABLE_CHANGES)
-
-
-# ----------------------------------------------------------------------------------------------
-# The training loop
-
-
-def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0, good=None, changed=None):
-    """Train from start_epoch to cfg['epochs']; evaluate, log and checkpoint after every epoch.
-
-    good: the last checkpoint known to be finite (the one resumed from), named if training
-    diverges; changed: optimizer settings this resume changed, written into the first log line.
-    A state with NaN or inf anywhere (weights, BatchNorm statistics, momentum) is never evaluated
-    as a result nor saved: the run stops with exit code 1 and names `good`.
-
-    Under torchrun: DistributedDataParallel averages the gradients (so RigL scores the all-reduced
-    gradient), every topology update takes rank 0's masks, and only rank 0 evaluates, logs and saves.
-    """
-    out, device, method = Path(cfg["out"]), cfg["device"], neurotrails.METHODS[cfg["method"]]
-    members = cfg["num_heads"] if method.full_ensemble else 1  # data streams: one per independent member
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    forward = neurotrails.Members(net) if method.full_ensemble else net
-    if world > 1:
-        forward = DistributedDataParallel(forward, device_ids=[torch.cuda.current_device()]
-                                          if device.startswith("cuda") else None)
-    sync = sparsity.broadcast_mask if world > 1 else None  # every topology update takes rank 0's masks
-    steps_per_epoch = num_train(train_data) // cfg["batch_size"]
-    prune_step = cfg["epochs"] * steps_per_epoch // 2  # pruning baseline: half-way
-    autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=cfg["bf16"])
-    record = None
-    for epoch in range(start_epoch, cfg["epochs"]):
-        net.train()
-        start, loss_sum = time.perf_counter(), torch.zeros((), device=device)
-        streams = [train_batches(train_data, cfg["batch_size"], cfg["seed"], epoch, i, cfg["dataset"], device,
-                                 cfg["workers"], rank, world) for i in range(members)]
-        for batches in tqdm(zip(*streams), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
-                            leave=False, disable=rank != 0 or not sys.stderr.isatty()):
-            lr = lr_at(epoch + (step - epoch * steps_per_epoch) / steps_per_epoch, cfg)  # x0.1 at 25, 50, 75 %
-            for group in opt.param_groups:
-                group["lr"] = lr * group["lr_scale"]  # the heads' group: --head-lr-scale x lr
-            step += 1
-            if cfg["channels_last"]:
-                batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
-
-            # The loss. Full ensemble: L = sum_i CE(F_i(x_i), y_i), each member on its own batch, so
-            # each trains exactly as alone. Otherwise Sec. 3: L = 1/M sum_i CE(F_h^i(F_s(x)), y).
-            with autocast:
-                if method.loss == "sum":
-                    logits = forward(torch.stack([x for x, _ in batches]))
-                    loss = sum(F.cross_entropy(z, y) for z, (_, y) in zip(logits, batches))
-                else:
-                    x, y = batches[0]
-                    loss = neurotrails.ensemble_loss(forward(x), y)
-            # On the CPU the check is free: before the step, so the weights stay as they were. On a GPU
-            # it would wait for the device every step; there the end-of-epoch check below catches it.
-            if device == "cpu" and not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}; "
-                                         f"{neurotrails.last_good(good)}")
-
-            # The backward is dense, so p.grad is the dense gradient of the loss that RigL scores.
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            loss_sum += loss.detach()
-
-            # Every Delta T steps, BEFORE the step (a foreach SGD adds momentum into p.grad):
-            # prune the smallest |w|, regrow as many by |grad| (RigL) or at random (SET).
-            if masks is not None and masks.is_update_step(step):
-                masks.update(step, opt, sync)
-
-            # The step; then the weights outside the masks (and their momentum) back to exactly 0.
-            opt.step()
-            if masks is not None:
-                masks.apply_(opt)
-
-            # Pruning baseline, once, half-way: global magnitude pruning to 1 - S, then a fixed topology.
-            if method.prunes and step == prune_step:  # weights are equal on all ranks
-                masks = prune_to_fixed_topology(net, cfg)
-        train_time = time.perf_counter() - start
-
-        # Every epoch, all ranks: the whole state must be finite. A step can blow up with a finite
-        # loss (inf BatchNorm variance, huge weights); such a state is never evaluated or saved.
-        state = {"model": net.state_dict(), "optimizer": opt.state_dict()}
-        bad = neurotrails.nonfinite_tensor(state)
-        if bad:
-            raise FloatingPointError(f"{bad} is NaN or inf after epoch {epoch + 1}; nothing was saved; "
-                                     f"{neurotrails.last_good(good)}")
-
-        # Every --eval-every epochs and at the last, rank 0: the test metrics (the test set never
-        # selects anything); every epoch one log line.
-        if rank == 0:
-            evaluated = (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]
-            record = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": loss_sum.item() / steps_per_epoch,
-                      **(test_metrics(net, test_data, cfg) if evaluated else {}),
-                      "density": neurotrails.component_densities(net, masks),
-                      "epoch_time_s": train_time, "ms_per_step": 1000 * train_time / steps_per_epoch}
-            if changed and epoch == start_epoch:
-                record["resumed_with"] = changed
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            test = (f"| acc {100 * record['acc']:.1f}% | nll {record['nll']:.3f} | ece {record['ece']:.3f} "
-                    f"| pd {100 * record['pd_any']:.1f}% " if evaluated else "")
-            print(f"epoch {epoch + 1}/{cfg['epochs']} | loss {record['train_loss']:.3f} | lr {lr:.4g} {test}| "
-                  f"{record['ms_per_step']:.0f} ms/step", flush=True)
-
-        # Every epoch, rank 0: the checkpoint (atomic; the other ranks wait for it).
-        if rank == 0:
-            neurotrails.save_checkpoint(out / "last.pt", SCRIPT, {
-                "config": cfg, "epoch": epoch + 1, "step": step, **state,
-                "masks": masks.state_dict() if masks is not None else None, "rng": torch.get_rng_state(),
-                "model_kwargs": model_kwargs(cfg["dataset"]), "input_shape": input_shape(cfg["dataset"])})
-            good = out / "last.pt"
-        if world > 1:
-            dist.barrier()
-    return record
 
 
 # ----------------------------------------------------------------------------------------------

@@ -232,3 +232,14 @@ def test_logged_density_counts_mask_entries_not_nonzero_weights():
         expected[neurotrails.component(n)] = (a + active, t + w.numel())
     assert by_masks == {k: round(a / t, 6) for k, (a, t) in expected.items()}
     assert neurotrails.component_densities(net) == {k: 1.0 for k in expected}  # no masks: dense
+
+
+def test_heartbeat_prints_step_loss_speed_and_eta_only_when_due(capsys):
+    beat = neurotrails.Heartbeat("epoch 2", 10, every=0.0, enabled=True)
+    beat.beat(4, torch.tensor(1.5))
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("epoch 2: step 4/10 | loss 1.500 | ") and "ms/step | ETA " in line
+    quiet = neurotrails.Heartbeat("epoch 2", 10, every=3600.0, enabled=True)
+    quiet.beat(4, torch.tensor(1.5))
+    neurotrails.Heartbeat("epoch 2", 10, every=0.0, enabled=False).beat(4, torch.tensor(1.5))
+    assert capsys.readouterr().out == ""
