@@ -510,23 +510,45 @@ CIFAR_C = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "gla
            "jpeg_compression", "speckle_noise", "gaussian_blur", "spatter", "saturate")
 
 
-def corruption_files(folder):
-    """The corruption names of a CIFAR-100-C style folder (NAME.npy beside labels.npy), checked."""
+def corruption_files(folder, shape=None, num_classes=None):
+    """The corruption names of a CIFAR-100-C style folder (NAME.npy beside labels.npy), checked
+    before any evaluation: readable arrays (never pickles), uint8 pixels, 5 severities of the same
+    test set, integer labels; given the model's input shape (C, H, W) and classes, those too."""
     import numpy as np
     folder = Path(folder)
+    flag = f"--corruptions-dir {folder}"
     if not (folder / "labels.npy").is_file():
-        raise ValueError(f"--corruptions-dir {folder}: no labels.npy (expected the CIFAR-100-C layout: "
-                         "NAME.npy per corruption and labels.npy)")
+        raise ValueError(f"{flag}: no labels.npy (expected the CIFAR-100-C layout: NAME.npy per corruption and "
+                         "labels.npy)")
     names = [n for n in CIFAR_C if (folder / f"{n}.npy").is_file()]
     names += sorted(p.stem for p in folder.glob("*.npy") if p.stem not in CIFAR_C and p.stem != "labels")
     if not names:
-        raise ValueError(f"--corruptions-dir {folder}: no corruption .npy files beside labels.npy")
-    n = len(np.load(folder / "labels.npy", mmap_mode="r"))
+        raise ValueError(f"{flag}: no corruption .npy files beside labels.npy")
+
+    def array(name):
+        try:  # allow_pickle=False: a pickled .npy could run code
+            return np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+        except Exception as e:
+            raise ValueError(f"{flag}: {name}.npy is not a plain numpy array (not a .npy file, or pickled objects, "
+                             f"which are never loaded; {type(e).__name__})") from None
+    labels = array("labels")
+    n = len(labels) if labels.ndim == 1 else -1
+    if n <= 0 or n % 5 or labels.dtype.kind not in "iu":
+        raise ValueError(f"{flag}: labels.npy must hold integer labels, 5 severities x the test set (got "
+                         f"{labels.dtype} {labels.shape})")
+    if num_classes is not None and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
+        raise ValueError(f"{flag}: labels.npy has labels outside [0, {num_classes}) for a {num_classes}-class model")
     for name in names:
-        shape = np.load(folder / f"{name}.npy", mmap_mode="r").shape
-        if shape[0] != n or n % 5 or len(shape) not in (3, 4):
-            raise ValueError(f"--corruptions-dir {folder}: {name}.npy has shape {shape}, expected ({n}, H, W[, C]) "
-                             f"with {n} = 5 severities x the test set")
+        x = array(name)
+        if x.shape[:1] != (n,) or x.ndim not in (3, 4):
+            raise ValueError(f"{flag}: {name}.npy has shape {x.shape}, expected ({n}, H, W[, C]) with {n} = 5 "
+                             "severities x the test set")
+        if x.dtype != np.uint8:
+            raise ValueError(f"{flag}: {name}.npy holds {x.dtype}, expected uint8 pixels 0-255 as published")
+        image = (1, *x.shape[1:]) if x.ndim == 3 else (x.shape[3], *x.shape[1:3])
+        if shape is not None and tuple(image) != tuple(shape):
+            raise ValueError(f"{flag}: {name}.npy holds {image[0]} x {image[1]} x {image[2]} images (C x H x W); "
+                             f"the model takes {shape[0]} x {shape[1]} x {shape[2]}")
     return names
 
 
@@ -1368,6 +1390,16 @@ def add_checkpoint_arguments(ap):
                          "models' heads under each image, images where their votes differ first")
 
 
+FIGURE_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp")  # matplotlib writes these
+
+
+def check_figure_path(path, flag):
+    """One-line ValueError unless a figure can be written at `path` in a format named by its suffix."""
+    if Path(path).suffix.lower().lstrip(".") not in FIGURE_FORMATS:
+        raise ValueError(f"{flag} {path}: name a figure file ending in .{', .'.join(FIGURE_FORMATS)}")
+    neurotrails.check_writable_file(path, flag)
+
+
 def check_checkpoint_arguments(args, script):
     """One-line ValueError for a checkpoint-evaluation flag that cannot work, before any work."""
     names = corruption_names(args.corruptions)
@@ -1375,7 +1407,7 @@ def check_checkpoint_arguments(args, script):
         raise ValueError(f"--corruptions: unknown corruption in {args.corruptions!r}; choose from "
                          f"{', '.join(CORRUPTIONS)}")
     if args.plot:
-        neurotrails.check_writable_file(args.plot, "--plot")
+        check_figure_path(args.plot, "--plot")
     if args.image_folder and not Path(args.image_folder).is_dir():
         raise ValueError(f"--image-folder {args.image_folder}: no such folder")
     if args.corruptions_dir:
@@ -1383,7 +1415,7 @@ def check_checkpoint_arguments(args, script):
             raise ValueError("--corruptions (generated) and --corruptions-dir (the published files): give one")
         corruption_files(args.corruptions_dir)
     if args.heads_grid:
-        neurotrails.check_writable_file(args.heads_grid, "--heads-grid")
+        check_figure_path(args.heads_grid, "--heads-grid")
     if args.grid_with and not args.heads_grid:
         raise ValueError("--grid-with adds a second model to --heads-grid; give --heads-grid PNG too")
     if args.grid_with:

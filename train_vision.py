@@ -412,6 +412,8 @@ def eval_only(argv):
                              "(CIFAR-100 or Fashion-MNIST checkpoints)")
         if args.corruptions:  # colour-only corruptions on one-channel images: refused before any work
             evaluate.corruption_names(args.corruptions, data["x"].shape[1])
+        if args.corruptions_dir:  # the files against this model's input and classes, before any work
+            evaluate.corruption_files(args.corruptions_dir, state["input_shape"], state["model_kwargs"]["num_classes"])
         models_to_grid = [(Path(args.checkpoint).resolve().parent.name, net)]
         if args.grid_with:
             other = load_checkpoint(args.grid_with, flag="--grid-with")

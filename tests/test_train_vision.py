@@ -296,3 +296,51 @@ def test_corruptions_dir_reads_the_published_layout_and_matches_the_generated_ta
     np.save(folder / "fog.npy", np.zeros((7, 28, 28), np.uint8))  # not 5 x the test set
     with pytest.raises(ValueError, match="fog.npy has shape"):
         evaluate.corruption_files(folder)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("garbage", "fog.npy is not a plain numpy array"),
+    ("pickled", "fog.npy is not a plain numpy array"),
+    ("channels", "fog.npy holds 3 x 28 x 28 images (C x H x W); the model takes 1 x 28 x 28"),
+    ("size", "fog.npy holds 1 x 32 x 32 images (C x H x W); the model takes 1 x 28 x 28"),
+    ("float", "fog.npy holds float32, expected uint8 pixels 0-255 as published"),
+    ("labels", "labels.npy has labels outside [0, 10) for a 10-class model"),
+    ("empty", "labels.npy must hold integer labels, 5 severities x the test set"),
+])
+def test_corruption_files_that_cannot_fit_the_model_are_refused_before_any_evaluation(case, message, data_dir,
+                                                                                        tmp_path, capsys,
+                                                                                        monkeypatch):
+    import numpy as np
+    train_vision.main(TINY + ["--data-dir", str(data_dir), "--epochs", "1", "--out", str(tmp_path / "run")])
+    folder = tmp_path / "C"
+    folder.mkdir()
+    n = 0 if case == "empty" else 10
+    np.save(folder / "labels.npy", np.full(n, 12 if case == "labels" else 3, np.int64))
+    images = {"channels": np.zeros((n, 28, 28, 3), np.uint8), "size": np.zeros((n, 32, 32), np.uint8),
+              "float": np.zeros((n, 28, 28), np.float32), "pickled": np.array([object()] * n, dtype=object)}
+    if case == "garbage":
+        (folder / "fog.npy").write_bytes(b"not numpy at all")
+    else:
+        np.save(folder / "fog.npy", images.get(case, np.zeros((n, 28, 28), np.uint8)), allow_pickle=True)
+    evaluated = []
+    monkeypatch.setattr(evaluate, "predict", lambda *a, **k: evaluated.append(1))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        train_vision.main(["--eval-only", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--corruptions-dir",
+                           str(folder)])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 1 and len(err.splitlines()) == 1 and message in err, err
+    assert evaluated == []
+
+
+def test_figure_paths_are_checked_before_the_evaluation(data_dir, tmp_path, capsys, monkeypatch):
+    train_vision.main(TINY + ["--data-dir", str(data_dir), "--epochs", "1", "--out", str(tmp_path / "run")])
+    monkeypatch.setattr(evaluate, "predict", lambda *a, **k: pytest.fail("evaluated before the check"))
+    for flag, path, message in (("--plot", "r.xyz", "name a figure file ending in .png"),
+                                ("--heads-grid", "grid.txt", "name a figure file ending in .png"),
+                                ("--plot", "/proc/nope/r.png", "cannot write there")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            train_vision.main(["--eval-only", "--checkpoint", str(tmp_path / "run" / "last.pt"), flag,
+                               str(tmp_path / path) if not path.startswith("/") else path])
+        assert message in capsys.readouterr().err
