@@ -376,6 +376,7 @@ def int_in(lo, hi=None):
             bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
             raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {text}")
         return value
+    parse.bounds = (lo, hi, False, False)  # what the bad-input tests read
     return parse
 
 
@@ -395,6 +396,7 @@ def float_in(lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
                 interval = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
             raise argparse.ArgumentTypeError(f"must be a finite number {interval}, got {text}")
         return value
+    parse.bounds = (lo, hi, lo_open, hi_open)
     return parse
 
 

@@ -365,3 +365,56 @@ def test_bad_input_gets_one_clear_line_and_writes_nothing(cli, extra, match, fil
     assert match.format(out=out, **{k: str(v) for k, v in files.items()}) in lines[0], lines[0]
     assert list(tmp_path.iterdir()) == [], "a bad input wrote files"
     assert {p: p.stat().st_mtime_ns for p in Path(files["corpus"]).parent.rglob("*")} == snapshot
+
+
+def range_checked_flags():
+    """(command line, flag, kind, bounds) for every flag of the trainers and export_bench.py whose
+    type is a range-checked int or float: each must refuse what lies outside its range."""
+    import argparse
+    parsers = [(V, train_vision.parse_args([])[0], []), (L, train_lm.parse_args([])[0], [])]
+    ap = export_bench.parse_args(["table7"])[0]
+    sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
+    parsers += [(X, p, [name]) for name, p in sub.choices.items()]
+    for cli, parser, prefix in parsers:
+        for action in parser._actions:
+            bounds = getattr(action.type, "bounds", None)
+            if bounds and action.option_strings:
+                kind = "int" if action.type.__qualname__.startswith("int_in") else "float"
+                yield cli, prefix, action.option_strings[0], kind, bounds
+
+
+def out_of_range(kind, bounds):
+    """Values each such flag must refuse, with the words of its one-line error."""
+    lo, hi, lo_open, hi_open = bounds
+    values = [("abc", "expected an integer" if kind == "int" else "expected a number")]
+    if kind == "int":
+        values += [(str(lo - 1), "must be an integer"), ("1.5", "expected an integer")]
+        if hi is not None:
+            values.append((str(hi + 1), "must be an integer"))
+    else:
+        values += [("nan", "must be a finite number"), ("inf", "must be a finite number")]
+        if lo != float("-inf"):
+            values.append((f"{lo:g}" if lo_open else f"{lo - 1:g}", "must be a finite number"))
+        if hi != float("inf"):
+            values.append((f"{hi:g}" if hi_open else f"{hi + 1:g}", "must be a finite number"))
+    return values
+
+
+RANGE_CASES = [(cli, [*prefix, flag, value], f"argument {flag}: {words}")
+               for cli, prefix, flag, kind, bounds in range_checked_flags() for value, words in out_of_range(kind, bounds)]
+
+
+def test_every_range_checked_flag_is_covered():
+    assert len(RANGE_CASES) >= 150 and len(CASES) + len(RANGE_CASES) >= 400, (len(CASES), len(RANGE_CASES))
+
+
+@pytest.mark.parametrize("cli,extra,match", RANGE_CASES, ids=[f"{c[0]}:{' '.join(c[1])}" for c in RANGE_CASES])
+def test_every_range_checked_flag_refuses_out_of_range_values_in_one_line(cli, extra, match, tmp_path, monkeypatch,
+                                                                         capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        invoke(cli, [a.format(out=tmp_path / "out") for a in extra], monkeypatch)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert match in err, err
+    assert list(tmp_path.iterdir()) == [], "a bad input wrote files"
