@@ -977,8 +977,9 @@ def arm_styles(points):
     different line styles."""
     styles, seen = [], {}
     for values, method in points:
-        arm = "neurotrails-head-lr" if method == "neurotrails" and float(values.get("head_lr_scale") or 1) > 1 \
-            else method
+        scale = values.get("head_lr_scale")
+        scaled = scale == "M" or (scale is not None and float(scale) > 1)
+        arm = "neurotrails-head-lr" if method == "neurotrails" and scaled else method
         look = (ARM_COLORS.get(arm), BUDGET_MARKERS.get(values.get("budget"), "o"))
         n = seen[look] = seen.get(look, -1) + 1
         styles.append({"color": look[0], "marker": look[1], "ls": ("-", "--", ":", "-.")[n % 4]})
@@ -987,7 +988,7 @@ def arm_styles(points):
 
 def seeds_note(rows):
     seeds = sorted({r["seed"] for r in rows})
-    return f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else f"one seed ({seeds[0]})"
+    return f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else f"one seed, {seeds[0]}"
 
 
 def plot_goldilocks(rows, keys, path, title):
@@ -1142,9 +1143,11 @@ def write_report(folders, out, benches=(), rows_files=()):
                 plot_vs(rows, keys, "updates", [("ppl", "validation perplexity", 1)], written[-1], title)
             continue
         # Fig. 5: over training; with a budget axis, the runs of the largest budget only
-        if mine:
+        finished = [r for r in mine if r["results"] is not None]  # an unfinished run would cut its curve short
+        if finished:
             axis = "dense_epochs" if "dense_epochs" in keys else "epochs"  # E, or each run's own epochs
-            longest = [r for r in mine if r["config"].get(axis) == max(m["config"].get(axis) or 0 for m in mine)]
+            longest = [r for r in finished
+                       if r["config"].get(axis) == max(m["config"].get(axis) or 0 for m in finished)]
             written.append(out / "fig5_over_training.png")
             plot_over_training(longest, [k for k in keys if k != axis], "epoch",
                                [("acc", "test accuracy (%)", 100), ("pd_any", "prediction disagreement, any (%)",
@@ -1165,7 +1168,11 @@ def write_report(folders, out, benches=(), rows_files=()):
         for key, (name, panels) in figures.items():
             if rows and key in keys:
                 written.append(out / name)
-                plot_vs(rows, keys, key, panels, written[-1], title)
+                mine_rows = rows
+                if key == "num_heads" and "head_lr_scale" in keys:  # Fig. 6: the head lr x M arm is one line over M
+                    mine_rows = [dict(r, head_lr_scale="M") if r.get("head_lr_scale") not in (None, 1, 1.0)
+                                 and float(r["head_lr_scale"]) == float(r["num_heads"]) else r for r in rows]
+                plot_vs(mine_rows, keys, key, panels, written[-1], title)
         if rows and "blocks_in_head" in keys:
             written.append(out / "fig3_goldilocks.png")
             plot_goldilocks(rows, keys, written[-1], title)
