@@ -1040,7 +1040,8 @@ def plot_over_training(runs, keys, x, panels, path, title, note=None):
                 xs = sorted(set.intersection(*(set(e[x] for e in log) for log in logs)))
                 at = [{e[x]: scale * e[col] for e in log} for log in logs]
                 stats = [mean_std([a[v] for a in at]) for v in xs]
-                ax.plot(xs, [m for m, _ in stats], color=color, marker="o" if len(xs) <= 30 else None, ms=3,
+                ax.plot(xs, [m for m, _ in stats], color=color, ls=looks[i]["ls"], ms=3,
+                        marker=looks[i]["marker"] if len(xs) <= 30 else None,
                         label=label)
                 ax.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats], color=color, alpha=0.2)
             ax.set(xlabel=x, ylabel=ylabel)
