@@ -14,10 +14,10 @@ Paper map (arXiv 2505.17909):
 The metric functions are pure: they take per-head probabilities (M, N, C) or ensemble
 probabilities (N, C) and labels (N), and touch no model. This module imports only the library
 (models.py, neurotrails.py): the trainers import it for the metrics, never the other way round.
-`python evaluate.py --checkpoint PATH` reads the script that wrote the checkpoint from it and runs
-`<script> --eval-only` with the same flags, since the data loading lives with that script; the
-reporting (report_image_checkpoint, report_language_checkpoint) lives here. `evaluate.py lm-eval`
-and `evaluate.py flops` need no data loader and run here.
+A checkpoint is evaluated by the script that wrote it (`train_vision.py --eval-only --checkpoint
+PATH`), since its data loading lives there; the reporting (report_image_checkpoint,
+report_language_checkpoint) lives here. This module starts no process. `evaluate.py lm-eval` and
+`evaluate.py flops` need no data loader and run here.
 
 Corruptions: --corruptions-dir evaluates on the published CIFAR-100-C files (all 19 corruptions x 5
   severities: the numbers papers quote), corruption_table_from_files(). Offline, --corruptions
@@ -38,7 +38,6 @@ import contextlib
 import json
 import math
 import re
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -1368,13 +1367,9 @@ def load_language_model(path, device=None):
     return neurotrails.model_from_checkpoint(state, device).eval(), tokenizer, config
 
 
-CHECKPOINT_FLAGS = ("checkpoint", "data_dir", "batch_size", "aggregate", "plot", "json", "corruptions", "image_folder",
-                    "heads_grid", "grid_with", "corruptions_dir")
-
-
 def add_checkpoint_arguments(ap):
-    """The flags of a checkpoint evaluation, declared once: evaluate.py's own and those of
-    `train_vision.py --eval-only` / `train_lm.py --eval-only`, which evaluate.py runs for it."""
+    """The flags of a checkpoint evaluation, declared once for `train_vision.py --eval-only` and
+    `train_lm.py --eval-only`."""
     ap.add_argument("--checkpoint", help="a checkpoint written by train_vision.py or train_lm.py")
     ap.add_argument("--data-dir", default=None, help="dataset folder (default: the one stored in the checkpoint, "
                     "read only: nothing is downloaded or unpacked there unless --data-dir names it)")
@@ -1441,7 +1436,7 @@ def check_checkpoint_arguments(args, script):
 def eval_only_args(argv, script):
     """The parsed and checked flags of `<script> --eval-only` (a one-line error and exit 1 else)."""
     ap = neurotrails.Parser(prog=f"{script} --eval-only", description=f"Evaluate a {script} checkpoint on its own "
-                            "data: the flags of evaluate.py --checkpoint, which runs this for you.")
+                            "data (its test set, an ImageFolder, corruptions; LM: validation perplexities).")
     add_checkpoint_arguments(ap)
     args = ap.parse_args(argv)
     try:
@@ -1500,7 +1495,7 @@ def corruption_names(spec, channels=3):
 
 
 def report_image_checkpoint(net, batches, args, aggregate, test_data=None, normalize=None):
-    """Metrics of a vision checkpoint on its test batches (what `evaluate.py --checkpoint` prints),
+    """Metrics of a vision checkpoint on its test batches (what `train_vision.py --eval-only` prints),
     plus the corruption table (test_data: the uint8 test set, normalize: its normalisation) and
     the reliability diagram when asked for."""
     logits, labels = predict(net, batches)
@@ -1555,43 +1550,38 @@ def main():
         return report_main(sys.argv[2:])
     if sys.argv[1:2] == ["export-hf"]:
         return export_hf_main(sys.argv[2:])
-    ap = neurotrails.Parser(prog="evaluate.py", description="Evaluate a saved train_vision.py checkpoint "
-                            "on its test set (accuracy, NLL, ECE, disagreement, per-head accuracy) or a train_lm.py "
-                            "checkpoint on its validation tokens (perplexities), or plot a log. The data are read "
-                            "by the script that wrote the checkpoint (`<script> --eval-only ...`, run for you). "
-                            "Subcommands: `evaluate.py flops --help`, `evaluate.py lm-eval --help`, `evaluate.py report --help`, `evaluate.py export-hf --help`.")
-    add_checkpoint_arguments(ap)
+    ap = neurotrails.Parser(prog="evaluate.py", description="Plot training logs. Subcommands: `evaluate.py flops "
+                            "--help`, `evaluate.py lm-eval --help`, `evaluate.py report --help`, `evaluate.py export-hf "
+                            "--help`. A checkpoint is evaluated by the script that wrote it, where its data loading "
+                            "lives: `train_vision.py --eval-only --checkpoint PATH` (or train_lm.py).")
+    ap.add_argument("--checkpoint", default=None,
+                    help="moved: `python train_vision.py --eval-only --checkpoint PATH` (or train_lm.py) evaluates it")
     ap.add_argument("--history", nargs="+", default=None, metavar="LOG",
                     help="training JSONL logs (log.jsonl of train_vision.py or train_lm.py runs): plot their curves, "
                          "overlaid (vision: accuracy, per-head accuracy, disagreement, NLL, ECE; LM: loss, "
                          "perplexity, per-head perplexity)")
     ap.add_argument("--history-plot", default="history.png", help="output PNG for --history")
-    args = ap.parse_args()
-    if not args.checkpoint and not args.history:
-        ap.error("give --checkpoint and/or --history")
-    try:  # every flag and output path before any work
-        script = None
-        if args.checkpoint:
+    args, rest = ap.parse_known_args()
+    if args.checkpoint:  # the one process that evaluates is the trainer's: name its command
+        try:
             script = neurotrails.load_checkpoint(args.checkpoint, flag="--checkpoint", mmap=True)["script"]
-            check_checkpoint_arguments(args, script)
-        if args.history:
-            for log in args.history:
-                if not Path(log).is_file():
-                    raise ValueError(f"--history {log}: no such log file")
-            neurotrails.check_writable_file(args.history_plot, "--history-plot")
-            plot_history(args.history, args.history_plot)
-            print(f"wrote {args.history_plot}")
+        except (ValueError, OSError) as e:
+            ap.fail(e)
+        ap.error(f"a checkpoint is evaluated by the script that wrote it: python {script} --eval-only "
+                 f"--checkpoint {args.checkpoint} {' '.join(rest)}".strip())
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    if not args.history:
+        ap.error("give --history LOG ... (a checkpoint: <script> --eval-only --checkpoint PATH)")
+    try:
+        for log in args.history:
+            if not Path(log).is_file():
+                raise ValueError(f"--history {log}: no such log file")
+        check_figure_path(args.history_plot, "--history-plot")
+        plot_history(args.history, args.history_plot)
+        print(f"wrote {args.history_plot}")
     except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError
         ap.fail(e)
-    if script:  # the data belong to the script that wrote the checkpoint: it evaluates, with these flags
-        flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k in CHECKPOINT_FLAGS
-                 if (v := getattr(args, k)) not in (None, False)]
-        done = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / script), "--eval-only", *flags],
-                              capture_output=True, text=True)
-        sys.stdout.write(done.stdout)
-        sys.stderr.write(done.stderr)
-        if done.returncode:
-            sys.exit(done.returncode)
 
 
 if __name__ == "__main__":

@@ -406,8 +406,8 @@ def cost_vs_single(net, cfg, vocab_size):
 
 
 def eval_only(argv):
-    """`train_lm.py --eval-only --checkpoint PATH [--data-dir D] [--json]` (what `evaluate.py
-    --checkpoint` runs): the validation perplexities of a checkpoint, read here with the data."""
+    """`train_lm.py --eval-only --checkpoint PATH [--data-dir D] [--json]`: the validation
+    perplexities of a checkpoint, read here with the data."""
     prog, args = evaluate.eval_only_args(argv, SCRIPT)
     try:
         net, tokenizer, cfg = evaluate.load_language_model(args.checkpoint)
@@ -428,7 +428,8 @@ TABLE = [("ppl", lambda r: f"{r['ppl']:.2f}"), ("ppl logits", lambda r: f"{r['pp
 
 def parse_args(argv=None):
     ap = neurotrails.Parser(prog=SCRIPT, description="Pretrain NeuroTrails or a baseline LLaMA on C4 (paper Sec. 4.2). Defaults are the "
-                "paper's recipe for --model; flags left unset take them.")
+                "paper's recipe for --model; flags left unset take them. `train_lm.py --eval-only --checkpoint PATH` "
+                "evaluates a checkpoint instead (its flags: `train_lm.py --eval-only --help`).")
     ap.add_argument("--model", default="llama-130m", help="base LLaMA: " + ", ".join(models.LLAMA_CONFIGS))
     ap.add_argument("--method", default="neurotrails", choices=METHODS,
                     help="neurotrails | single (dense, M=1) | treenet (dense heads) | ensemble (M full models) | "

@@ -393,7 +393,7 @@ def cost_vs_single(net, cfg, example):
 
 
 def eval_only(argv):
-    """`train_vision.py --eval-only --checkpoint PATH ...` (what `evaluate.py --checkpoint` runs):
+    """`train_vision.py --eval-only --checkpoint PATH ...`:
     a checkpoint's metrics on its own test set, read here where the data loading lives."""
     prog, args = evaluate.eval_only_args(argv, SCRIPT)
     try:
@@ -459,8 +459,8 @@ TABLE = [("acc %", lambda r: f"{100 * r['acc']:.2f}"), ("NLL", lambda r: f"{r['n
 def parse_args(argv=None):
     ap = neurotrails.Parser(prog=SCRIPT, description="Train NeuroTrails or a baseline on an image dataset (paper "
                             "Sec. 4.1). Defaults are the paper's recipe for the dataset; flags left unset take them. "
-                            "`train_vision.py --eval-only --checkpoint PATH` evaluates a checkpoint instead (see "
-                            "evaluate.py --help).")
+                            "`train_vision.py --eval-only --checkpoint PATH` evaluates a checkpoint instead (its "
+                            "flags: `train_vision.py --eval-only --help`).")
     ap.add_argument("--dataset", default="cifar100", choices=list(RECIPES), help="dataset (default: cifar100)")
     ap.add_argument("--data-dir", default="data", help="dataset folder; CIFAR-100 / Fashion-MNIST are downloaded "
                     "here if missing, ImageNet / Tiny-ImageNet need train/ and val/ ImageFolder sub-folders")

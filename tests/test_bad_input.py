@@ -27,6 +27,7 @@ LM = ["--dataset", "text", "--data-dir", "{corpus}", "--tokenizer", "{tok}", "--
 
 V, L = "train_vision", "train_lm"
 E, F, H, X, N = "evaluate", "evaluate flops", "evaluate lm-eval", "export_bench", "neurotrails"
+VE, LE = "train_vision --eval-only", "train_lm --eval-only"
 CASES = [
     # train_vision.py: silently wrong before
     (V, ["--epochs", "0"], "argument --epochs: must be an integer >= 1, got 0"),
@@ -175,21 +176,23 @@ CASES = [
     (L, ["--out", "{lmrun}"], "already holds a run"),
     (L, ["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     # evaluate.py
-    (E, [], "give --checkpoint and/or --history"),
-    (E, ["--checkpoint", "{out}/nope.pt"], "--checkpoint {out}/nope.pt: no such checkpoint"),
-    (E, ["--checkpoint", "{junk}"], "--checkpoint {junk}: not a checkpoint of this project"),
-    (E, ["--checkpoint", "{plain}"], "not a checkpoint of this project"),
-    (E, ["--checkpoint", "{lacking}"], "--checkpoint {lacking}: incomplete train_vision.py checkpoint"),
-    (E, ["--checkpoint", "{vckpt}", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
-    (E, ["--checkpoint", "{vckpt}", "--grid-with", "{vckpt}"], "--grid-with adds a second model to --heads-grid"),
-    (E, ["--checkpoint", "{vckpt}", "--corruptions-dir", "{emptydir}"], "no labels.npy (expected the CIFAR-100-C"),
-    (E, ["--checkpoint", "{vckpt}", "--corruptions-dir", "{emptydir}", "--corruptions"], "give one"),
-    (E, ["--checkpoint", "{vckpt}", "--heads-grid", "{emptydir}/g.png", "--grid-with", "{lmckpt}"],
+    (E, [], "give --history LOG"),
+    (E, ["--checkpoint", "{vckpt}", "--json"], "python train_vision.py --eval-only --checkpoint {vckpt} --json"),
+    (E, ["--checkpoint", "{lmckpt}"], "python train_lm.py --eval-only --checkpoint {lmckpt}"),
+    (VE, ["--checkpoint", "{out}/nope.pt"], "--checkpoint {out}/nope.pt: no such checkpoint"),
+    (VE, ["--checkpoint", "{junk}"], "--checkpoint {junk}: not a checkpoint of this project"),
+    (VE, ["--checkpoint", "{plain}"], "not a checkpoint of this project"),
+    (VE, ["--checkpoint", "{lacking}"], "--checkpoint {lacking}: incomplete train_vision.py checkpoint"),
+    (VE, ["--checkpoint", "{vckpt}", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
+    (VE, ["--checkpoint", "{vckpt}", "--grid-with", "{vckpt}"], "--grid-with adds a second model to --heads-grid"),
+    (VE, ["--checkpoint", "{vckpt}", "--corruptions-dir", "{emptydir}"], "no labels.npy (expected the CIFAR-100-C"),
+    (VE, ["--checkpoint", "{vckpt}", "--corruptions-dir", "{emptydir}", "--corruptions"], "give one"),
+    (VE, ["--checkpoint", "{vckpt}", "--heads-grid", "{emptydir}/g.png", "--grid-with", "{lmckpt}"],
      "--grid-with {lmckpt} was written by train_lm.py, not train_vision.py"),
-    (E, ["--checkpoint", "{vckpt}", "--heads-grid", "{out}/no/dir/g.png"], "--heads-grid"),
-    (E, ["--checkpoint", "{lmckpt}", "--heads-grid", "{emptydir}/g.png"], "--heads-grid is for image checkpoints"),
-    (E, ["--checkpoint", "{vckpt}", "--plot", "{out}/no/such/dir/rel.png"], "--plot"),
-    (E, ["--checkpoint", "{vckpt}", "--plot", "{emptydir}"], "--plot {emptydir} is a folder"),
+    (VE, ["--checkpoint", "{vckpt}", "--heads-grid", "{out}/no/dir/g.png"], "--heads-grid"),
+    (LE, ["--checkpoint", "{lmckpt}", "--heads-grid", "{emptydir}/g.png"], "--heads-grid is for image checkpoints"),
+    (VE, ["--checkpoint", "{vckpt}", "--plot", "{out}/no/such/dir/rel.png"], "--plot"),
+    (VE, ["--checkpoint", "{vckpt}", "--plot", "{emptydir}"], "--plot {emptydir}: name a figure file ending in .png"),
     (E, ["--history", "{out}/nope.jsonl"], "--history {out}/nope.jsonl: no such log file"),
     (E, ["--history", "{vlog}", "{lmlog}"], "either vision logs or language-model logs, not both"),
     (E, ["--history", "{file}"], "--history"),
@@ -202,12 +205,12 @@ CASES = [
     (E, ["report", "--bench", "{vlog}", "--out", "{out}/r"], "not an export_bench.py --json file"),
     (E, ["report", "{emptydir}", "--out", "{file}"], "is a file, not a folder"),
     (E, ["--history", "{vlog}", "--history-plot", "{out}/no/such/dir/h.png"], "--history-plot"),
-    (E, ["--checkpoint", "{vckpt}", "--corruptions", "frost"], "--corruptions: unknown corruption in 'frost'"),
-    (E, ["--checkpoint", "{vckpt}", "--corruptions", "fog,saturate"],
+    (VE, ["--checkpoint", "{vckpt}", "--corruptions", "frost"], "--corruptions: unknown corruption in 'frost'"),
+    (VE, ["--checkpoint", "{vckpt}", "--corruptions", "fog,saturate"],
      "--corruptions: saturate changes colour; these images have 1 channel(s)"),
-    (E, ["--checkpoint", "{vckpt}", "--aggregate", "foo"], "argument --aggregate: invalid choice: 'foo'"),
-    (E, ["--checkpoint", "{vckpt}", "--image-folder", "{out}/nope"], "--image-folder {out}/nope: no such folder"),
-    (E, ["--checkpoint", "{vckpt}", "--image-folder", "{file}"], "--image-folder {file}: no such folder"),
+    (VE, ["--checkpoint", "{vckpt}", "--aggregate", "foo"], "argument --aggregate: invalid choice: 'foo'"),
+    (VE, ["--checkpoint", "{vckpt}", "--image-folder", "{out}/nope"], "--image-folder {out}/nope: no such folder"),
+    (VE, ["--checkpoint", "{vckpt}", "--image-folder", "{file}"], "--image-folder {file}: no such folder"),
     (E, ["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     # evaluate.py flops
     (F, ["--num-heads", "0"], "argument --num-heads: must be an integer in [1, 64], got 0"),
@@ -305,6 +308,8 @@ def invoke(cli, argv, monkeypatch):
     if cli == "neurotrails":
         monkeypatch.setattr(sys, "argv", ["neurotrails.py", *argv])
         return neurotrails.main()
+    if cli in (VE, LE):
+        return (train_vision if cli == VE else train_lm).main(["--eval-only", *argv])
     main = {"train_vision": train_vision.main, "train_lm": train_lm.main, "export_bench": export_bench.main,
             "evaluate flops": evaluate.flops_main, "evaluate lm-eval": evaluate.lm_eval_main}[cli]
     return main(argv)

@@ -156,8 +156,7 @@ def test_cli_offline_without_local_tasks_fails_in_one_line(checkpoint, monkeypat
 
 
 def test_evaluate_checkpoint_reports_the_logged_perplexity(checkpoint, monkeypatch, capsys):
-    monkeypatch.setattr("sys.argv", ["evaluate.py", "--checkpoint", str(checkpoint), "--json"])
-    evaluate.main()
+    train_lm.main(["--eval-only", "--checkpoint", str(checkpoint), "--json"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     logged = json.loads((checkpoint.parent / "log.jsonl").read_text().splitlines()[-1])
     for key in ("ppl", "ppl_logits", "ppl_heads", "eval_tokens"):

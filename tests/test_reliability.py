@@ -2,7 +2,7 @@
 runs at once, a failed save (full disk) keeps the previous checkpoint, a diverged run saves
 nothing non-finite and names a checkpoint that exists, that checkpoint resumes with a lower
 learning rate, an exact resume reproduces the WHOLE checkpoint (RNG states included), no
-tokenizer runs a repository's code, and evaluate.py never writes where a checkpoint points."""
+tokenizer runs a repository's code, and an evaluation never writes where a checkpoint points."""
 import errno
 import json
 import os
@@ -370,7 +370,8 @@ def test_evaluate_never_writes_where_the_checkpoint_points(tmp_path):
     elsewhere.mkdir()
     state["config"]["data_dir"] = str(elsewhere)  # e.g. a checkpoint from another machine
     neurotrails.save_checkpoint(tmp_path / "moved.pt", "train_vision.py", state)
-    evaluate_py = [sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(tmp_path / "moved.pt"), "--json"]
+    evaluate_py = [sys.executable, str(ROOT / "train_vision.py"), "--eval-only", "--checkpoint", str(tmp_path / "moved.pt"),
+                   "--json"]
     out = subprocess.run(evaluate_py, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 1 and "could not be loaded" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert list(elsewhere.iterdir()) == []
