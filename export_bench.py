@@ -342,7 +342,8 @@ def main(argv=None):
     try:
         if args.command == "export":
             neurotrails.check_writable_file(args.out, "--out")
-            given = [f for f in MODEL_FLAGS if any(a == f or a.startswith(f + "=") for a in (sys.argv[1:] if argv is None else argv))]
+            typed = sys.argv[1:] if argv is None else argv
+            given = [f for f in MODEL_FLAGS if any(a == f or a.startswith(f + "=") for a in typed)]
             if args.checkpoint and given:  # the checkpoint says which network it is
                 raise ValueError(f"--checkpoint names the network itself; {given[0]} cannot be combined with it")
             if args.checkpoint:

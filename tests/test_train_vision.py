@@ -215,18 +215,22 @@ def test_vectorised_augmentation_equals_the_per_image_crop_and_flip_it_draws():
 def test_evaluate_checkpoint_reproduces_the_logged_metrics_and_plots(data_dir, tmp_path):
     train_vision.main(TINY + ["--data-dir", str(data_dir), "--epochs", "1", "--out", str(tmp_path)])
     last = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
-    out = subprocess.run([sys.executable, str(ROOT / "train_vision.py"), "--eval-only", "--checkpoint", str(tmp_path / "last.pt"),
-                          "--json", "--plot", str(tmp_path / "rel.png"), "--history", str(tmp_path / "log.jsonl"),
-                          "--history-plot", str(tmp_path / "hist.png"), "--heads-grid", str(tmp_path / "grid.png"),
-                          "--grid-with", str(tmp_path / "last.pt")],
+    out = subprocess.run([sys.executable, str(ROOT / "train_vision.py"), "--eval-only", "--checkpoint",
+                          str(tmp_path / "last.pt"), "--json", "--plot", str(tmp_path / "rel.png"), "--heads-grid",
+                          str(tmp_path / "grid.png"), "--grid-with", str(tmp_path / "last.pt")],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
+    history = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--history", str(tmp_path / "log.jsonl"),
+                              "--history-plot", str(tmp_path / "hist.png")], capture_output=True, text=True,
+                             timeout=300, cwd=ROOT)
+    assert history.returncode == 0, history.stderr
     got = json.loads(out.stdout.splitlines()[-1])
     for key in ("acc", "nll", "ece", "pd_any", "pd_pairwise", "head_acc"):
         assert got[key] == pytest.approx(last[key], abs=1e-6), key
     for png in ("rel.png", "hist.png", "grid.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    bad = subprocess.run([sys.executable, str(ROOT / "train_vision.py"), "--eval-only", "--checkpoint", str(tmp_path / "nope.pt")],
+    bad = subprocess.run([sys.executable, str(ROOT / "train_vision.py"), "--eval-only", "--checkpoint",
+                          str(tmp_path / "nope.pt")],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert bad.returncode == 1 and "no such checkpoint" in bad.stderr
 
@@ -252,8 +256,8 @@ def test_image_folder_datasets_train_through_the_dataloader(tmp_path):
 def test_evaluate_corruptions_and_an_image_folder(data_dir, tmp_path):
     from PIL import Image
     train_vision.main(TINY + ["--data-dir", str(data_dir), "--epochs", "1", "--out", str(tmp_path)])
-    out = subprocess.run([sys.executable, str(ROOT / "train_vision.py"), "--eval-only", "--checkpoint", str(tmp_path / "last.pt"),
-                          "--corruptions", "gaussian_noise,contrast", "--json"],
+    out = subprocess.run([sys.executable, str(ROOT / "train_vision.py"), "--eval-only", "--checkpoint",
+                          str(tmp_path / "last.pt"), "--corruptions", "gaussian_noise,contrast", "--json"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.splitlines()[-1])
@@ -264,13 +268,13 @@ def test_evaluate_corruptions_and_an_image_folder(data_dir, tmp_path):
         (tmp_path / "sketch" / cls).mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", (40, 40), (40 * i, 100, 200)).save(tmp_path / "sketch" / cls / f"{i}.png")
-    out = subprocess.run([sys.executable, str(ROOT / "train_vision.py"), "--eval-only", "--checkpoint", str(tmp_path / "last.pt"),
-                          "--image-folder", str(tmp_path / "sketch"), "--json"],
+    out = subprocess.run([sys.executable, str(ROOT / "train_vision.py"), "--eval-only", "--checkpoint",
+                          str(tmp_path / "last.pt"), "--image-folder", str(tmp_path / "sketch"), "--json"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert 0.0 <= json.loads(out.stdout.splitlines()[-1])["acc"] <= 1.0
-    bad = subprocess.run([sys.executable, str(ROOT / "train_vision.py"), "--eval-only", "--checkpoint", str(tmp_path / "last.pt"),
-                          "--corruptions", "frost"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    bad = subprocess.run([sys.executable, str(ROOT / "train_vision.py"), "--eval-only", "--checkpoint",
+                          str(tmp_path / "last.pt"), "--corruptions", "frost"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert bad.returncode == 1 and "unknown corruption" in bad.stderr
 
 
