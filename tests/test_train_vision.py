@@ -32,6 +32,14 @@ def data_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def checkpoint(data_dir, tmp_path_factory):
+    """One finished tiny run's last.pt, shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("run")
+    train_vision.main(TINY + ["--data-dir", str(data_dir), "--epochs", "1", "--out", str(out)])
+    return out / "last.pt"
+
+
 def cli(*args, timeout=300):
     return subprocess.run([sys.executable, str(ROOT / "train_vision.py"), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
@@ -311,11 +319,10 @@ def test_corruptions_dir_reads_the_published_layout_and_matches_the_generated_ta
     ("labels", "labels.npy has labels outside [0, 10) for a 10-class model"),
     ("empty", "labels.npy must hold integer labels, 5 severities x the test set"),
 ])
-def test_corruption_files_that_cannot_fit_the_model_are_refused_before_any_evaluation(case, message, data_dir,
+def test_corruption_files_that_cannot_fit_the_model_are_refused_before_any_evaluation(case, message, checkpoint,
                                                                                         tmp_path, capsys,
                                                                                         monkeypatch):
     import numpy as np
-    train_vision.main(TINY + ["--data-dir", str(data_dir), "--epochs", "1", "--out", str(tmp_path / "run")])
     folder = tmp_path / "C"
     folder.mkdir()
     n = 0 if case == "empty" else 10
@@ -330,21 +337,19 @@ def test_corruption_files_that_cannot_fit_the_model_are_refused_before_any_evalu
     monkeypatch.setattr(evaluate, "predict", lambda *a, **k: evaluated.append(1))
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
-        train_vision.main(["--eval-only", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--corruptions-dir",
-                           str(folder)])
+        train_vision.main(["--eval-only", "--checkpoint", str(checkpoint), "--corruptions-dir", str(folder)])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 1 and len(err.splitlines()) == 1 and message in err, err
     assert evaluated == []
 
 
-def test_figure_paths_are_checked_before_the_evaluation(data_dir, tmp_path, capsys, monkeypatch):
-    train_vision.main(TINY + ["--data-dir", str(data_dir), "--epochs", "1", "--out", str(tmp_path / "run")])
+def test_figure_paths_are_checked_before_the_evaluation(checkpoint, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(evaluate, "predict", lambda *a, **k: pytest.fail("evaluated before the check"))
     for flag, path, message in (("--plot", "r.xyz", "name a figure file ending in .png"),
                                 ("--heads-grid", "grid.txt", "name a figure file ending in .png"),
                                 ("--plot", "/proc/nope/r.png", "cannot write there")):
         capsys.readouterr()
         with pytest.raises(SystemExit):
-            train_vision.main(["--eval-only", "--checkpoint", str(tmp_path / "run" / "last.pt"), flag,
+            train_vision.main(["--eval-only", "--checkpoint", str(checkpoint), flag,
                                str(tmp_path / path) if not path.startswith("/") else path])
         assert message in capsys.readouterr().err
