@@ -1150,8 +1150,9 @@ def write_report(folders, out, benches=(), rows_files=()):
                        if r["config"].get(axis) == max(m["config"].get(axis) or 0 for m in finished)]
             written.append(out / "fig5_over_training.png")
             plot_over_training(longest, [k for k in keys if k != axis], "epoch",
-                               [("acc", "test accuracy (%)", 100), ("pd_any", "prediction disagreement, any (%)",
-                                                                    100)], written[-1], run_title(longest, keys))
+                               [("acc", "test accuracy (%)", 100), ("nll", "test NLL", 1),
+                                ("pd_any", "prediction disagreement, any (%)", 100)], written[-1],
+                               run_title(longest, keys))
         accuracy_pd = [("acc", "test accuracy (%)", 100), ("pd_any", "prediction disagreement, any (%)", 100)]
         if rows and ("dense_epochs" in keys or "budget" in keys) and all("train_flops_vs_single" in r for r in rows):
             # equal compute reads off a vertical line: accuracy and NLL against training FLOPs vs single
