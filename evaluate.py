@@ -1063,14 +1063,19 @@ def plot_speed_vs_sparsity(benches, path):
         settings, cpu = bench["settings"], bench["machine"]["cpu"]
         for engine in sorted({r["engine"] for r in rows}):
             mine = sorted((r for r in rows if r["engine"] == engine), key=lambda r: r["sparsity"])
-            ax.plot([r["sparsity"] for r in mine], [r["ratio"] for r in mine], marker="o",
-                    label=f"{engine}, batch {settings['batch_size']}, threads {settings['threads'] or 'all'}"
-                          + (f" ({cpu[:28]})" if len(benches) > 1 else ""))
+            label = (f"{engine}, batch {settings['batch_size']}, threads {settings['threads'] or 'all'}"
+                     + (f" ({cpu[:28]})" if len(benches) > 1 else ""))
+            line, = ax.plot([r["sparsity"] for r in mine], [r["ratio"] for r in mine], marker="o", label=label)
+            paired = [(r["sparsity"], r["paired_ratio_ci"]) for r in mine if r.get("paired_ratio_ci")]
+            if paired:  # the paired speed-up's 95 % interval (export_bench.py's round-by-round ratios)
+                ax.vlines([x for x, _ in paired], [lo for _, (lo, hi) in paired], [hi for _, (lo, hi) in paired],
+                          color=line.get_color(), lw=3, alpha=0.35)
             limit.update({r["sparsity"]: 1 / r["flop_ratio"] for r in mine})
     xs = sorted(limit)
     ax.plot(xs, [limit[x] for x in xs], "k--", label="FLOP limit (1 / FLOP ratio)")
     ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set(xlabel="sparsity S of NeuroTrails", ylabel="throughput / single dense (same engine)", yscale="log")
+    ax.set(xlabel="sparsity S of NeuroTrails", ylabel="throughput / single dense, same engine (log scale)",
+           yscale="log")
     ax.grid(alpha=0.3, which="both")
     first = benches[0]["settings"]
     _save(plt, fig, ax, path, f"{first['model']}, M = {first['num_heads']}, measured vs FLOP speed-up\n"
@@ -1364,8 +1369,11 @@ def load_language_model(path, device=None):
     state = neurotrails.load_checkpoint(path, "train_lm.py", "--checkpoint")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = dict(state["config"], device=device, bf16=device.startswith("cuda"))
+    if not state.get("tokenizer_json") and not isinstance(config.get("tokenizer"), str):
+        raise ValueError(f"--checkpoint {path}: it carries no tokenizer and names none (config tokenizer "
+                         f"{config.get('tokenizer')!r}); its token ids cannot be read")
     tokenizer = models.load_tokenizer(config["tokenizer"], state.get("tokenizer_json"))
-    return neurotrails.model_from_checkpoint(state, device).eval(), tokenizer, config
+    return neurotrails.model_from_checkpoint(state, device, f"--checkpoint {path}").eval(), tokenizer, config
 
 
 def add_checkpoint_arguments(ap):

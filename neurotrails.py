@@ -1068,6 +1068,18 @@ def git_commit():
     return None
 
 
+def rounded(value, digits=7):
+    """Floats of a nested record to `digits` significant digits, what a float32 metric means: logs
+    and results.json read 0.843, not 0.8429999947547913."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
 def write_results(out, script, config, record, wall_time_s):
     """OUT/results.json, written when a run has reached its budget: final metrics, the config,
     time (this process's wall time; the training time summed over the log, resumes included),
@@ -1081,7 +1093,7 @@ def write_results(out, script, config, record, wall_time_s):
                "wall_time_s": wall_time_s, "train_time_s": train_time, "versions": package_versions(), "git_commit": git_commit(),
                "machine": machine_info()}
     tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=float))
+    tmp.write_text(json.dumps(rounded(results), indent=1, default=float))
     os.replace(tmp, out / "results.json")
     return out / "results.json"
 

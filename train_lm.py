@@ -205,6 +205,7 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
                 record["resumed_with"] = changed
             if evaluate_now:
                 record.update(evaluate.perplexity(net, val_batches, autocast))
+            record = neurotrails.rounded(record)
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             line = (f"update {step}/{cfg['updates']} | loss {record['loss']:.4f} | lr {lr:.3g} | "
@@ -389,6 +390,7 @@ def run(cfg, resume=None, overwrite=False):
         if record is None or "ppl" not in record:  # resumed a finished run, or stopped between evaluations
             record = dict(record or {}, **evaluate.perplexity(net, val_batches, bf16_autocast(cfg)))
         record.update(evaluate.parameter_counts(net), **cost_vs_single(net, cfg, len(tokenizer)))
+        record = neurotrails.rounded(record)
         end = min(cfg["updates"], start + cfg["stop_after"]) if cfg["stop_after"] else cfg["updates"]
         if end == cfg["updates"]:  # the whole budget: results.json marks it finished, written under the lock
             print(f"wrote {neurotrails.write_results(out, SCRIPT, cfg, record, time.perf_counter() - began)}",

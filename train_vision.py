@@ -182,6 +182,7 @@ def train(cfg, net, masks, opt, train_data, test_data, start_epoch=0, step=0, go
                       "epoch_time_s": train_time, "ms_per_step": 1000 * train_time / steps_per_epoch}
             if changed and epoch == start_epoch:
                 record["resumed_with"] = changed
+            record = neurotrails.rounded(record)
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             test = (f"| acc {100 * record['acc']:.1f}% | nll {record['nll']:.3f} | ece {record['ece']:.3f} "
@@ -373,6 +374,7 @@ def run(cfg, resume=None, overwrite=False):
             record = {"epoch": start_epoch, "step": step, **test_metrics(net, test_data, cfg)}
         example = next(test_batches(test_data, 1, cfg["dataset"], cfg["device"]))[0]
         record.update(evaluate.parameter_counts(net), **cost_vs_single(net, cfg, example))
+        record = neurotrails.rounded(record)
         # results.json marks the run finished: written while the folder is still locked
         print(f"wrote {neurotrails.write_results(out, SCRIPT, cfg, record, time.perf_counter() - began)}", flush=True)
     return record

@@ -162,3 +162,22 @@ def test_evaluate_checkpoint_reports_the_logged_perplexity(checkpoint, monkeypat
     for key in ("ppl", "ppl_logits", "ppl_heads", "eval_tokens"):
         assert result[key] == pytest.approx(logged[key], rel=1e-6), key
     assert result["active_params"] < result["params"]
+
+
+def test_a_checkpoint_without_a_tokenizer_is_refused_in_one_line_by_every_reader(checkpoint, tmp_path, capsys,
+                                                                                  monkeypatch):
+    import neurotrails
+    state = torch.load(checkpoint, weights_only=True)
+    state.pop("tokenizer_json", None)
+    state["config"]["tokenizer"] = None
+    neurotrails.save_checkpoint(tmp_path / "last.pt", "train_lm.py", state)
+    bad = str(tmp_path / "last.pt")
+    for run in (lambda: train_lm.main(["--eval-only", "--checkpoint", bad]),
+                lambda: evaluate.export_hf_main(["--checkpoint", bad, "--out", str(tmp_path / "hf")]),
+                lambda: evaluate.lm_eval_main(["--checkpoint", bad, "--tasks", "tiny_mc", "--device", "cpu"])):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            run()
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code != 0 and len(err.splitlines()) == 1 and "carries no tokenizer" in err, err
+    assert not (tmp_path / "hf").exists()

@@ -67,6 +67,11 @@ def test_every_method_trains_logs_and_checkpoints(method, data_dir, tmp_path):
         assert key in rows[-1]
     heads = 1 if method == "single" else 2
     assert len(rows[-1]["head_acc"]) == heads
+    results = json.loads((tmp_path / "results.json").read_text())
+    numbers = [v for v in [*rows[-1].values(), *rows[-1]["head_acc"], *results["metrics"].values()]
+               if isinstance(v, float)]
+    assert numbers and all(float(f"{v:.7g}") == v for v in numbers)  # no 0.10000000149011612
+    assert results["command"] and results["finished"].endswith("Z")
     ckpt = load(tmp_path / "last.pt")
     assert ckpt["epoch"] == 2 and ckpt["config"]["method"] == method
     density = rows[-1]["density"]
