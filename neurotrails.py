@@ -753,7 +753,7 @@ def add_run_arguments(ap, out_help):
                     "is refused unless --resume or --overwrite")
     ap.add_argument("--resume", default=None, help="continue exactly from this last.pt (into --out, which may be "
                     "another folder: the run starts there with this checkpoint and its log)")
-    ap.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
+    ap.add_argument("--overwrite", action="store_true", help="replace the run that --out holds (kept aside until the new run has saved its first checkpoint)")
     ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 autocast (default: on with CUDA)")

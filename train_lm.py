@@ -432,65 +432,67 @@ def parse_args(argv=None):
     ap = neurotrails.Parser(prog=SCRIPT, description="Pretrain NeuroTrails or a baseline LLaMA on C4 (paper Sec. 4.2). Defaults are the "
                 "paper's recipe for --model; flags left unset take them. `train_lm.py --eval-only --checkpoint PATH` "
                 "evaluates a checkpoint instead (its flags: `train_lm.py --eval-only --help`).")
-    ap.add_argument("--model", default="llama-130m", help="base LLaMA: " + ", ".join(models.LLAMA_CONFIGS))
-    ap.add_argument("--method", default="neurotrails", choices=METHODS,
+    method, data, training, run = (ap.add_argument_group(title) for title in (
+        "method (Sec. 3, 4)", "data", "training (App. E; budgets: Table 13)", "run: folder, device, logging, sweeps"))
+    method.add_argument("--model", default="llama-130m", help="base LLaMA: " + ", ".join(models.LLAMA_CONFIGS))
+    method.add_argument("--method", default="neurotrails", choices=METHODS,
                     help="neurotrails | single (dense, M=1) | treenet (dense heads) | ensemble (M full models) | "
                          "static (sparse, no topology updates)")
-    ap.add_argument("--compare", default=None,
+    method.add_argument("--compare", default=None,
                     help="comma-separated methods to train one after another, then print one comparison table")
-    neurotrails.add_arguments(ap, 0.1, " of sparse methods (dense methods: 0)", dst=True, delta_t=50,
+    neurotrails.add_arguments(method, 0.1, " of sparse methods (dense methods: 0)", dst=True, delta_t=50,
                               delta_t_help=" (default: 50)",
                               blocks_help="the paper's: 8 decoder layers for llama-130m, 16 for llama-350m, else "
                                           "about 2/3 of the layers")
-    ap.add_argument("--prune", default="soft-magnitude", choices=["soft-magnitude", "magnitude"],
+    method.add_argument("--prune", default="soft-magnitude", choices=["soft-magnitude", "magnitude"],
                     help="pruning: survivors sampled with probability ~ |w|^T (Zhang 2025), or smallest |w|")
-    ap.add_argument("--temperature", type=float_in(0, 1e3, lo_open=True), default=3.0,
+    method.add_argument("--temperature", type=float_in(0, 1e3, lo_open=True), default=3.0,
                     help="T in (0, 1000], the soft-magnitude exponent (larger: closer to hard magnitude)")
-    ap.add_argument("--updates", dest="dense_updates", type=int_in(1), default=None,
+    training.add_argument("--updates", dest="dense_updates", metavar="U", type=int_in(1), default=None,
                     help="U, the single dense network's optimizer updates, from which --budget gives each method "
                          "its own (default: the paper's, 10,000 for llama-130m and smaller, 40,000 for 350m)")
-    ap.add_argument("--budget", default="paper", choices=neurotrails.BUDGETS,
+    training.add_argument("--budget", default="paper", choices=neurotrails.BUDGETS,
                     help="updates per method: paper = Table 13 (sparse methods floor(U / (1 - S)), e.g. 11,111 at "
                          "S = 0.1; the others U); equal = U for all; flops = the updates whose training FLOPs equal "
                          "the single network's at U; density = the same rule as paper (default: paper)")
-    ap.add_argument("--batch-size", type=int_in(1), default=512, help="sequences per update (per ensemble member)")
-    ap.add_argument("--micro-batch-size", type=int_in(1), default=32,
+    training.add_argument("--batch-size", type=int_in(1), default=512, help="sequences per update (per ensemble member)")
+    training.add_argument("--micro-batch-size", type=int_in(1), default=32,
                     help="sequences per forward/backward on each process; gradients accumulate to --batch-size. "
                          "Sets memory use: 32 fits llama-350m (M=3) on an 80 GB GPU, 64 llama-130m")
-    ap.add_argument("--seq-len", type=int_in(2, 1 << 20), default=256, help="tokens per sequence (truncation), >= 2")
-    ap.add_argument("--pack", action="store_true",
+    data.add_argument("--seq-len", type=int_in(2, 1 << 20), default=256, help="tokens per sequence (truncation), >= 2")
+    data.add_argument("--pack", action="store_true",
                     help="concatenate documents into full sequences instead of one truncated, padded document each")
-    ap.add_argument("--lr", type=float_in(0, lo_open=True), default=None,
+    training.add_argument("--lr", type=float_in(0, lo_open=True), default=None,
                     help="peak learning rate > 0 (1.5e-3; llama-350m 5e-4); may change on --resume")
-    ap.add_argument("--warmup", type=float_in(0, 1, hi_open=True), default=0.1,
+    training.add_argument("--warmup", type=float_in(0, 1, hi_open=True), default=0.1,
                     help="fraction in [0, 1) of the updates with linear warmup; may change on --resume")
-    ap.add_argument("--min-lr-ratio", type=float_in(0, 1), default=0.1,
+    training.add_argument("--min-lr-ratio", type=float_in(0, 1), default=0.1,
                     help="in [0, 1]: the cosine decays to this x lr; may change on --resume")
-    ap.add_argument("--weight-decay", type=float_in(0), default=0.0, help="Adam weight decay >= 0; may change on --resume")
-    ap.add_argument("--dataset", default="c4", choices=["c4", "text"],
+    training.add_argument("--weight-decay", type=float_in(0), default=0.0, help="Adam weight decay >= 0; may change on --resume")
+    data.add_argument("--dataset", default="c4", choices=["c4", "text"],
                     help="c4: allenai/c4 'en' streamed from the hub, or local shards with --data-dir; "
                          "text: paragraphs of the .txt/.md/.rst files under --data-dir")
-    ap.add_argument("--data-dir", default=None,
+    data.add_argument("--data-dir", default=None,
                     help="c4: folder of c4-{train,validation}.*.json.gz shards; text: folder of text files "
                          f"(every {VALIDATION_EVERY}th file, sorted by path, is the validation set)")
-    ap.add_argument("--tokenizer", default="t5-base", help="HF tokenizer name or local file/folder (default: t5-base)")
-    ap.add_argument("--train-tokenizer", type=int_in(259, 1 << 20), default=None, metavar="N",
+    data.add_argument("--tokenizer", default="t5-base", help="HF tokenizer name or local file/folder (default: t5-base)")
+    data.add_argument("--train-tokenizer", type=int_in(259, 1 << 20), default=None, metavar="N",
                     help="instead of --tokenizer: train a byte-level BPE of N tokens on the training files "
                          "(--dataset text; saved in the checkpoint and as OUT/tokenizer.json)")
-    ap.add_argument("--data-workers", type=int, default=1, choices=[0, 1],
+    data.add_argument("--data-workers", type=int, default=1, choices=[0, 1],
                     help="1: read and tokenize the next batches in a worker process (default); 0: in this process")
-    ap.add_argument("--eval-tokens", type=int_in(1), default=10_000_000, help="validation target tokens (paper: 10M)")
-    ap.add_argument("--eval-every", type=int_in(1), default=1000, help="updates between validation perplexities")
-    ap.add_argument("--log-every", type=int_in(1), default=10, help="updates between log lines")
-    ap.add_argument("--save-every", type=int_in(1), default=1000, help="updates between checkpoints")
-    ap.add_argument("--stop-after", type=int_in(1), default=None,
+    run.add_argument("--eval-tokens", type=int_in(1), default=10_000_000, help="validation target tokens (paper: 10M)")
+    run.add_argument("--eval-every", type=int_in(1), default=1000, help="updates between validation perplexities")
+    run.add_argument("--log-every", type=int_in(1), default=10, help="updates between log lines")
+    run.add_argument("--save-every", type=int_in(1), default=1000, help="updates between checkpoints")
+    run.add_argument("--stop-after", type=int_in(1), default=None,
                     help="save and exit after this many updates of this invocation (e.g. a job's time limit); "
                          "continue with --resume OUT/last.pt")
-    ap.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,
+    training.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,
                     help="seed of init, masks, DST sampling and data order, in [0, 2^32)")
-    neurotrails.add_run_arguments(ap, "runs/lm-<model>-<method>-M<M>-S<S>-U<U>-<budget>-u<updates>-seed<seed>")
-    neurotrails.add_sweep_arguments(ap)
-    neurotrails.add_config_argument(ap)
+    neurotrails.add_run_arguments(run, "runs/lm-<model>-<method>-M<M>-S<S>-U<U>-<budget>-u<updates>-seed<seed>")
+    neurotrails.add_sweep_arguments(run)
+    neurotrails.add_config_argument(run)
     return ap, ap.parse_args(neurotrails.with_config(ap, sys.argv[1:] if argv is None else argv))
 
 

@@ -463,49 +463,51 @@ def parse_args(argv=None):
                             "Sec. 4.1). Defaults are the paper's recipe for the dataset; flags left unset take them. "
                             "`train_vision.py --eval-only --checkpoint PATH` evaluates a checkpoint instead (its "
                             "flags: `train_vision.py --eval-only --help`).")
-    ap.add_argument("--dataset", default="cifar100", choices=list(RECIPES), help="dataset (default: cifar100)")
-    ap.add_argument("--data-dir", default="data", help="dataset folder; CIFAR-100 / Fashion-MNIST are downloaded "
+    method, data, training, run = (ap.add_argument_group(title) for title in (
+        "method (Sec. 3, 4)", "data", "training (App. E; budgets: App. E.3)", "run: folder, device, sweeps"))
+    data.add_argument("--dataset", default="cifar100", choices=list(RECIPES), help="dataset (default: cifar100)")
+    data.add_argument("--data-dir", default="data", help="dataset folder; CIFAR-100 / Fashion-MNIST are downloaded "
                     "here if missing, ImageNet / Tiny-ImageNet need train/ and val/ ImageFolder sub-folders")
-    ap.add_argument("--method", default="neurotrails", choices=METHODS,
+    method.add_argument("--method", default="neurotrails", choices=METHODS,
                     help="neurotrails | single (dense, M=1) | treenet (dense heads) | ensemble (M full models) | "
                          "static (sparse, no topology updates) | pruning (dense 50%%, prune, fine-tune)")
-    ap.add_argument("--compare", default=None,
+    method.add_argument("--compare", default=None,
                     help="comma-separated methods to train one after another, then print one comparison table")
-    ap.add_argument("--model", default=None, help="base network (default per dataset: wrn28-10, resnet50, wrn16-4): "
+    method.add_argument("--model", default=None, help="base network (default per dataset: wrn28-10, resnet50, wrn16-4): "
                     + ", ".join(n for n in models.model_names() if not models.is_language_model(n)))
-    neurotrails.add_arguments(ap, None, " (default: 0.8; ImageNet 0.7); dense methods use 0", dst=True,
+    neurotrails.add_arguments(method, None, " (default: 0.8; ImageNet 0.7); dense methods use 0", dst=True,
                               delta_t_help=" (default: 100; ImageNet 1000)",
                               blocks_help="the paper's: 8 for WRN-28-10, 10 for ResNet-50, else about 2/3 of the blocks")
-    ap.add_argument("--aggregate", default="probs", choices=["probs", "logits"],
+    method.add_argument("--aggregate", default="probs", choices=["probs", "logits"],
                     help="ensemble prediction: mean of probabilities (paper) or of logits (released code)")
-    ap.add_argument("--epochs", dest="dense_epochs", type=int_in(1), default=None,
+    training.add_argument("--epochs", dest="dense_epochs", metavar="E", type=int_in(1), default=None,
                     help="E, the single dense network's epochs, from which --budget gives each method its own "
                          "(default: the paper's, 250 CIFAR-100, 100 Tiny-ImageNet, 90 ImageNet; 15 Fashion-MNIST)")
-    ap.add_argument("--budget", default="paper", choices=neurotrails.BUDGETS,
+    training.add_argument("--budget", default="paper", choices=neurotrails.BUDGETS,
                     help="epochs per method: paper = the paper's ratio to E (Tables 11, 12, 14; CIFAR-100: "
                          "NeuroTrails / static / SET 1.8x, TreeNet 1x, full ensemble 1x per member, pruning 2x; "
                          "ImageNet: sparse 3x, TreeNet 2x, pruning 2x; Tiny-ImageNet: sparse 2x; Fashion-MNIST "
                          "takes the CIFAR-100 ratios); equal = E for all; flops = the epochs whose training FLOPs "
                          "equal the single network's at E; density = E / (1 - S) for sparse methods "
                          "(default: paper)")
-    ap.add_argument("--batch-size", type=int_in(1), default=None, help="images per step (128; ImageNet 256)")
-    ap.add_argument("--lr", type=float_in(0, lo_open=True), default=None,
+    training.add_argument("--batch-size", type=int_in(1), default=None, help="images per step (128; ImageNet 256)")
+    training.add_argument("--lr", type=float_in(0, lo_open=True), default=None,
                     help="initial learning rate > 0 (0.1; ImageNet 0.256); may change on --resume")
-    ap.add_argument("--momentum", type=float_in(0, 1, hi_open=True), default=None,
+    training.add_argument("--momentum", type=float_in(0, 1, hi_open=True), default=None,
                     help="SGD Nesterov momentum in [0, 1) (0.9; ImageNet 0.875); may change on --resume")
-    ap.add_argument("--weight-decay", type=float_in(0), default=None,
+    training.add_argument("--weight-decay", type=float_in(0), default=None,
                     help="L2 weight decay >= 0 (5e-4; ImageNet 3.05e-5); may change on --resume")
-    ap.add_argument("--train-subset", type=int_in(1), default=None, help="train on a fixed random subset of N images")
-    ap.add_argument("--test-subset", type=int_in(1), default=None, help="test on a fixed random subset of N images")
-    ap.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,
+    data.add_argument("--train-subset", type=int_in(1), default=None, help="train on a fixed random subset of N images")
+    data.add_argument("--test-subset", type=int_in(1), default=None, help="test on a fixed random subset of N images")
+    training.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,
                     help="seed of init, masks, data order and augmentation, in [0, 2^32)")
-    neurotrails.add_run_arguments(ap, "runs/<dataset>-<model>-<method>-M<M>-S<S>-E<E>-<budget>-e<epochs>-...-seed<seed>")
-    neurotrails.add_sweep_arguments(ap)
-    neurotrails.add_config_argument(ap)
-    ap.add_argument("--eval-every", type=int_in(1), default=1,
+    neurotrails.add_run_arguments(run, "runs/<dataset>-<model>-<method>-M<M>-S<S>-E<E>-<budget>-e<epochs>-...-seed<seed>")
+    neurotrails.add_sweep_arguments(run)
+    neurotrails.add_config_argument(run)
+    run.add_argument("--eval-every", type=int_in(1), default=1,
                     help="epochs between test evaluations (the last epoch is always evaluated; default: 1)")
-    ap.add_argument("--workers", type=int_in(0, 256), default=0, help="DataLoader workers for ImageFolder datasets")
-    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+    data.add_argument("--workers", type=int_in(0, 256), default=0, help="DataLoader workers for ImageFolder datasets")
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                     help="channels-last memory format (default: on with CUDA)")
     return ap, ap.parse_args(neurotrails.with_config(ap, sys.argv[1:] if argv is None else argv))
 
