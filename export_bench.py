@@ -306,11 +306,17 @@ def parse_args(argv=None):
     ap = neurotrails.Parser(prog="export_bench.py", description="Export NeuroTrails to ONNX and benchmark CPU "
                             "inference (paper Sec. 5.4, Table 7).")
     sub = ap.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="write one ONNX graph (soft vote inside) and check it")
+    texts = {"export": "write one ONNX graph (zeros baked in, backbone once, soft vote inside) and check its outputs "
+                       "against PyTorch",
+             "bench": "throughput / latency of several variants on DeepSparse and ONNX Runtime, interleaved round by "
+                      "round, with the paired speed-up and its 95 % interval",
+             "table7": "the paper's Table 7 set on WRN-28-10 (single, full ensemble, NeuroTrails at several "
+                       "sparsities), beside the paper's ratios"}
+    ex = sub.add_parser("export", help=texts["export"], description=texts["export"])
     ex.add_argument("--checkpoint", help="a train_vision.py checkpoint (else build from --model ...)")
     ex.add_argument("--out", default="model.onnx", help="output ONNX file")
-    for p in (ex, sub.add_parser("bench", help="throughput / latency of several variants, interleaved"),
-              sub.add_parser("table7", help="the paper's Table 7 set on WRN-28-10, beside its ratios")):
+    for p in (ex, sub.add_parser("bench", help=texts["bench"], description=texts["bench"]),
+              sub.add_parser("table7", help=texts["table7"], description=texts["table7"])):
         p.add_argument("--model", default="wrn28-10", help="base network (vision): " + ", ".join(models.model_names()[:3]))
         neurotrails.add_arguments(p, 0.0, " of a fresh model (default: 0, dense)", with_sparsity=p is ex)
         p.add_argument("--num-classes", type=int_in(1), default=100, help="classes (CIFAR-100: 100)")
