@@ -1150,7 +1150,8 @@ def write_report(folders, out, benches=(), rows_files=()):
         # Fig. 5: over training; with a budget axis, the runs of the largest budget only
         finished = [r for r in mine if r["results"] is not None]  # an unfinished run would cut its curve short
         if finished:
-            axis = "dense_epochs" if "dense_epochs" in keys else "epochs"  # E, or each run's own epochs
+            # E (each method then runs its own length), or, for runs before budgets, their epochs
+            axis = "dense_epochs" if all("dense_epochs" in r["config"] for r in finished) else "epochs"
             longest = [r for r in finished
                        if r["config"].get(axis) == max(m["config"].get(axis) or 0 for m in finished)]
             written.append(out / "fig5_over_training.png")
@@ -1159,7 +1160,8 @@ def write_report(folders, out, benches=(), rows_files=()):
                                 ("pd_any", "prediction disagreement, any (%)", 100)], written[-1],
                                run_title(longest, keys))
         accuracy_pd = [("acc", "test accuracy (%)", 100), ("pd_any", "prediction disagreement, any (%)", 100)]
-        if rows and ("dense_epochs" in keys or "budget" in keys) and all("train_flops_vs_single" in r for r in rows):
+        if rows and all(isinstance(r.get("train_flops_vs_single"), (int, float)) for r in rows) \
+                and len({r["train_flops_vs_single"] for r in rows}) > 1:
             # equal compute reads off a vertical line: accuracy and NLL against training FLOPs vs single
             written.append(out / "budget_flops.png")
             plot_vs(rows, [k for k in keys if k != "dense_epochs"] + ["train_flops_vs_single"],
