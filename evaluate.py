@@ -901,8 +901,12 @@ def summary_markdown(rows, keys, title):
         cells.append(",".join(str(r["seed"]) for r in members))
         for c in cols:
             _, scale, digits = SUMMARY_COLUMNS[c]
-            mean, std = mean_std([scale * r[c] for r in members if isinstance(r.get(c), (int, float))])
-            cells.append(f"{mean:,.{digits}f}" + (f" ± {std:,.{digits}f}" if len(members) > 1 else ""))
+            values = [scale * r[c] for r in members if isinstance(r.get(c), (int, float))]
+            if not values:  # a column that only other points have (e.g. rows of an older report)
+                cells.append("—")
+                continue
+            mean, std = mean_std(values)
+            cells.append(f"{mean:,.{digits}f}" + (f" ± {std:,.{digits}f}" if len(values) > 1 else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -430,3 +430,10 @@ def test_rows_with_a_non_numeric_metric_are_refused_naming_line_and_column(tmp_p
                     "r1,train_vision.py,single,1,eighty,0.5\n")
     with pytest.raises(ValueError, match=r"line 3, column acc: 'eighty' is not a number"):
         evaluate.earlier_rows(path)
+
+
+def test_summary_leaves_a_cell_empty_where_a_point_lacks_a_column():
+    rows = [{"method": "single", "seed": 0, "acc": 0.8, "train_flops_vs_single": 1.0},
+            {"method": "neurotrails", "seed": 0, "acc": 0.7}]  # e.g. a row of an older report
+    table = evaluate.summary_markdown(rows, ["method"], "t")
+    assert "| NeuroTrails | 0 | 70.00 | — |" in table and "| single dense | 0 | 80.00 | 1.00 |" in table
