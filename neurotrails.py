@@ -582,6 +582,12 @@ CHECKPOINT_KEYS = {  # what each script needs to resume exactly
 }
 
 
+CONFIG_KEYS = {  # what reading a checkpoint back (evaluation, export, resume) takes from its config
+    "train_vision.py": ("model", "method", "num_heads", "blocks_in_head", "dataset", "aggregate"),
+    "train_lm.py": ("model", "method", "num_heads", "blocks_in_head", "dataset", "seq_len", "tokenizer"),
+}
+
+
 def nonfinite_tensor(state, prefix=""):
     """Name of the first floating-point tensor in a nested dict/list holding NaN or inf, else None
     (weights, BatchNorm running statistics and optimizer moments alike)."""
@@ -690,6 +696,9 @@ def load_checkpoint(path, script=None, flag="--resume", config=None, may_differ=
     missing = [k for k in CHECKPOINT_KEYS[writer] if k not in state]
     if missing:
         raise ValueError(f"{flag} {path}: incomplete {writer} checkpoint (lacks {', '.join(missing)})")
+    lacking = [k for k in CONFIG_KEYS[writer] if not isinstance(state["config"], dict) or k not in state["config"]]
+    if lacking:
+        raise ValueError(f"{flag} {path}: incomplete {writer} checkpoint (its config lacks {', '.join(lacking)})")
     if config is not None:
         old = state["config"]
         diff = sorted(k for k in set(config) | set(old) if k not in may_differ and config.get(k) != old.get(k))

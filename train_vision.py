@@ -406,7 +406,8 @@ def eval_only(argv):
             data = _flat_image_folder(cfg["dataset"], Path(args.image_folder))
             batches = torch.utils.data.DataLoader(data, args.batch_size)
         else:  # the checkpoint's own data_dir is only read: a folder the user did not name is never written
-            _, data = load_data(cfg["dataset"], args.data_dir or cfg["data_dir"], None, cfg["test_subset"],
+            _, data = load_data(cfg["dataset"], args.data_dir or cfg.get("data_dir", "data"), None,
+                                cfg.get("test_subset"),
                                 download=bool(args.data_dir))
             batches = test_batches(data, args.batch_size, cfg["dataset"], device)
         if (args.corruptions or args.heads_grid) and not isinstance(data, dict):

@@ -523,3 +523,17 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_its_first_checkpoint(
     # and --overwrite of a finished run replaces it once the new run has saved
     train_vision.main(vision(data_dir, out, "--epochs", "1", "--seed", "3", "--overwrite"))
     assert json.loads((out / "results.json").read_text())["config"]["seed"] == 3 and not (out / ".replaced").exists()
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize("key", ["dataset", "aggregate", "num_heads"])
+def test_a_checkpoint_whose_config_lacks_a_key_is_refused_in_one_line(key, data_dir, tmp_path, capsys):
+    train_vision.main(vision(data_dir, tmp_path / "run", "--epochs", "1"))
+    state = load(tmp_path / "run" / "last.pt")
+    del state["config"][key]
+    neurotrails.save_checkpoint(tmp_path / "bad.pt", "train_vision.py", state)  # a valid checksum over it
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train_vision.main(["--eval-only", "--checkpoint", str(tmp_path / "bad.pt")])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"its config lacks {key}" in err, err
