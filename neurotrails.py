@@ -255,7 +255,7 @@ def method_budget(mode, dense_budget, paper_ratio, sparsity_, step_cost):
     flops:   round(E / c), c = the method's training FLOPs per step / the single network's, so the
              run costs what E steps of the single network cost (within half an epoch).
     density: floor(E / (1 - S)), the 1/(1-S) extension limit (Evci et al. 2020), E for dense methods.
-    step_cost() gives c; only `flops` calls it (it builds the network on the meta device).
+    step_cost is c (evaluate.flops_report's train_flops_per_step_vs_single).
     """
     if mode == "paper":
         return max(1, round(paper_ratio * dense_budget))
@@ -263,7 +263,7 @@ def method_budget(mode, dense_budget, paper_ratio, sparsity_, step_cost):
         return dense_budget
     if mode == "flops":
         # the run's training FLOPs = c x steps; equal to the single network's E steps at E / c
-        return max(1, round(dense_budget / step_cost()))
+        return max(1, round(dense_budget / step_cost))
     if mode == "density":
         return math.floor(dense_budget / (1 - sparsity_) + 1e-6)  # 1e-6: 10,000 / 0.9 = 11,111
     raise ValueError(f"--budget must be one of {', '.join(BUDGETS)}, got {mode!r}")

@@ -286,7 +286,7 @@ def budget(cfg, method):
                                    vocab_size=cfg["train_tokenizer"] or 32000)
     step_cost = report["train_flops_per_step_vs_single"]
     mode = "density" if cfg["budget"] == "paper" else cfg["budget"]  # Table 13 is the 1/(1-S) rule
-    updates = neurotrails.method_budget(mode, cfg["dense_updates"], 1, cfg["sparsity"], lambda: step_cost)
+    updates = neurotrails.method_budget(mode, cfg["dense_updates"], 1, cfg["sparsity"], step_cost)
     return {"updates": updates, "train_flops_vs_single": round(step_cost * updates / cfg["dense_updates"], 4),
             "infer_flops_vs_single": round(report["infer_flops_vs_single"], 4)}
 

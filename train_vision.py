@@ -266,7 +266,7 @@ def budget(cfg, method):
     topology updates included)."""
     step_cost, infer_cost = train_step_cost(cfg, method)
     epochs = neurotrails.method_budget(cfg["budget"], cfg["dense_epochs"], PAPER_RATIOS[cfg["dataset"]][method.epochs],
-                                       cfg["sparsity"], lambda: step_cost)
+                                       cfg["sparsity"], step_cost)
     return {"epochs": epochs, "train_flops_vs_single": round(step_cost * epochs / cfg["dense_epochs"], 4),
             "infer_flops_vs_single": round(infer_cost, 4)}
 
