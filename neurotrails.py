@@ -1059,17 +1059,23 @@ def package_versions():
     return out
 
 
-def git_commit():
-    """The project's git commit, read from .git (no process is started), or None outside a clone."""
-    git = Path(__file__).resolve().parent / ".git"
+def git_commit(root=None):
+    """The commit of the clone at `root` (this project's by default), read from .git without starting
+    a process, or None outside a clone. In a worktree .git is a file naming its own folder, whose
+    `commondir` holds the shared refs."""
+    git = Path(root or Path(__file__).resolve().parent) / ".git"
     try:
+        if git.is_file():  # "gitdir: /path/.git/worktrees/name"
+            git = (git.parent / git.read_text().split(":", 1)[1].strip()).resolve()
+        common = (git / (git / "commondir").read_text().strip()).resolve() if (git / "commondir").is_file() else git
         head = (git / "HEAD").read_text().strip()
         if not head.startswith("ref: "):
             return head  # a detached HEAD names the commit itself
         ref = head[5:]
-        if (git / ref).is_file():
-            return (git / ref).read_text().strip()
-        for line in (git / "packed-refs").read_text().splitlines():  # after git gc
+        for folder in (git, common):
+            if (folder / ref).is_file():
+                return (folder / ref).read_text().strip()
+        for line in (common / "packed-refs").read_text().splitlines():  # after git gc
             if line.endswith(" " + ref):
                 return line.split()[0]
     except OSError:

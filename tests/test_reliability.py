@@ -537,3 +537,28 @@ def test_a_checkpoint_whose_config_lacks_a_key_is_refused_in_one_line(key, data_
         train_vision.main(["--eval-only", "--checkpoint", str(tmp_path / "bad.pt")])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"its config lacks {key}" in err, err
+
+
+def test_the_commit_is_recorded_in_a_clone_a_worktree_and_after_gc(tmp_path):
+    """Provenance: results.json names the commit whether the code runs from a clone (loose or packed
+    refs), a detached worktree (the study runs from one) or a worktree on a branch."""
+    a, b = "a" * 40, "b" * 40
+    clone = tmp_path / "clone"
+    (clone / ".git/refs/heads").mkdir(parents=True)
+    (clone / ".git/HEAD").write_text("ref: refs/heads/main\n")
+    (clone / ".git/refs/heads/main").write_text(a + "\n")
+    assert neurotrails.git_commit(clone) == a
+    (clone / ".git/refs/heads/main").unlink()
+    (clone / ".git/packed-refs").write_text(f"# pack-refs\n{b} refs/heads/other\n{a} refs/heads/main\n")
+    assert neurotrails.git_commit(clone) == a
+    tree = tmp_path / "tree"
+    private = clone / ".git/worktrees/tree"
+    private.mkdir(parents=True)
+    tree.mkdir()
+    (tree / ".git").write_text(f"gitdir: {private}\n")
+    (private / "commondir").write_text("../..\n")
+    (private / "HEAD").write_text(b + "\n")
+    assert neurotrails.git_commit(tree) == b
+    (private / "HEAD").write_text("ref: refs/heads/main\n")
+    assert neurotrails.git_commit(tree) == a
+    assert neurotrails.git_commit(tmp_path / "nowhere") is None
