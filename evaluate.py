@@ -5,30 +5,20 @@ Paper map (arXiv 2505.17909):
   Sec. 5.2  prediction disagreement between heads               -> disagreement()
   App. F    inference FLOPs: active weights x output positions   -> inference_flops()
   App. F    training FLOPs (RigL App. H), `evaluate.py flops`     -> train_flops_per_example(), flops_report()
-  Sec. 4.1  robustness to CIFAR-100-C-style corruptions (Fig. 2) -> corrupt(), corruption_table()
-  Sec. 5.2  disagreement / accuracy over training (Fig. 4)      -> plot_history()
+  Sec. 4.1  robustness to CIFAR-100-C corruptions (Fig. 2)      -> train_vision.py (corrupted test sets are data)
+  Sec. 5.2  disagreement / accuracy over training (Fig. 4)      -> plot_history(), `evaluate.py history`
+  Sec. 5    the analyses as grids of runs (Fig. 3, 5, 6, 7, 8)   -> write_report(), `evaluate.py report`
   Sec. 4.2  perplexity of the soft vote, per head, mean of logits -> perplexity(), target_logprobs()
   Table 5   zero-shot tasks through lm-eval-harness              -> `evaluate.py lm-eval`, harness_model()
+  App. K    each head's prediction on test images (Fig. 9)      -> plot_head_grid()
             reliability diagram                                 -> plot_reliability()
 
 The metric functions are pure: they take per-head probabilities (M, N, C) or ensemble
 probabilities (N, C) and labels (N), and touch no model. This module imports only the library
 (models.py, neurotrails.py): the trainers import it for the metrics, never the other way round.
 A checkpoint is evaluated by the script that wrote it (`train_vision.py --eval-only --checkpoint
-PATH`), since its data loading lives there; the reporting (report_image_checkpoint,
-report_language_checkpoint) lives here. This module starts no process. `evaluate.py lm-eval` and
-`evaluate.py flops` need no data loader and run here.
-
-Corruptions: --corruptions-dir evaluates on the published CIFAR-100-C files (all 19 corruptions x 5
-  severities: the numbers papers quote), corruption_table_from_files(). Offline, --corruptions
-  generates 14 of the 19 CIFAR-100-C corruptions on the fly with the parameters of the benchmark's
-  generation code: the noise family (gaussian, shot, impulse, speckle), defocus, glass, zoom and
-  gaussian blur, fog, brightness, contrast, saturate (colour images only), pixelate and JPEG.
-  Left out: frost (needs the benchmark's frost photographs), motion blur and snow (ImageMagick's
-  motion-blur kernel), spatter (OpenCV's Canny edges and distance transform) and elastic (OpenCV's
-  affine warp): no short exact version with the project's packages. Random draws come from torch's
-  generator, so a generated set has the benchmark's distribution, not its pixels; numbers from it
-  are not comparable to a CIFAR-100-C mean from the published files (--corruptions-dir).
+PATH`), where its data loading lives: the test set, an ImageFolder, the corrupted test sets
+(CIFAR-100-C files or generated) and the validation text. This module starts no process.
 
 Deviation: prediction disagreement. Released code: averages an M x M matrix including its zero
   diagonal, which understates the pairwise mean by a factor (M-1)/M. Ours: the mean over the
@@ -37,14 +27,11 @@ Deviation: prediction disagreement. Released code: averages an M x M matrix incl
 import contextlib
 import json
 import math
-import re
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import models
 import neurotrails
@@ -322,256 +309,6 @@ def parameter_counts(net):
 
 
 # ----------------------------------------------------------------------------------------------
-# Corruptions (Hendrycks & Dietterich 2019, CIFAR-10/100-C), a documented subset written here
-
-# Severity 1..5 parameters of the CIFAR-10/100-C generation code (Hendrycks & Dietterich 2019,
-# make_cifar_c.py of their robustness repository); the algorithms below are written from its description.
-CORRUPTIONS = {
-    "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),   # std of additive noise
-    "shot_noise": (500, 250, 100, 75, 50),              # Poisson rate scale
-    "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),    # salt-and-pepper fraction
-    "defocus_blur": ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)),  # disk radius, its anti-alias sigma
-    "glass_blur": ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)),  # sigma, max shift, passes
-    "zoom_blur": (1.06, 1.11, 1.16, 1.21, 1.26),       # zooms numpy.arange(1, this, 0.01), averaged
-    "fog": ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)),  # fog strength, plasma wibble decay
-    "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),          # HSV value shift
-    "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),            # contrast factor
-    "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),          # down-sampling factor
-    "jpeg_compression": (80, 65, 58, 50, 40),           # JPEG quality
-    "speckle_noise": (0.06, 0.1, 0.12, 0.16, 0.2),      # std of multiplicative noise
-    "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),         # blur sigma in pixels
-    "saturate": ((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)),  # HSV saturation x a + b (severities
-}                                                       # 1-2 desaturate, 3-5 saturate: not monotone)
-COLOUR_ONLY = ("saturate",)  # a one-channel image has no saturation to change
-
-
-def _gaussian(x, sigma, truncate=4.0):
-    """Gaussian blur of (N, C, H, W) per channel as scipy / skimage do it: radius int(4 sigma + 0.5),
-    edge pixels repeated ('nearest')."""
-    radius = int(truncate * sigma + 0.5)
-    if radius == 0:
-        return x
-    i = torch.arange(-radius, radius + 1, dtype=x.dtype)
-    k = torch.exp(-0.5 * (i / sigma) ** 2)
-    k = k / k.sum()
-    n, c, h, w = x.shape
-    y = x.reshape(n * c, 1, h, w)
-    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
-    return y.reshape(n, c, h, w)
-
-
-def _disk(radius, alias_sigma):
-    """The defocus kernel: a 17 x 17 disk of the radius (normalised), anti-aliased by a 3 x 3
-    Gaussian of alias_sigma (OpenCV's GaussianBlur with the kernel's edge reflected)."""
-    r = torch.arange(-8, 9, dtype=torch.float64)
-    disk = ((r[:, None] ** 2 + r[None, :] ** 2) <= radius ** 2).double()
-    disk = disk / disk.sum()
-    g = torch.exp(-torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64) / (2 * alias_sigma ** 2))
-    g = (g / g.sum())[:, None] * (g / g.sum())[None, :]
-    return F.conv2d(F.pad(disk[None, None], (1, 1, 1, 1), mode="reflect"), g[None, None])[0, 0]
-
-
-def _plasma(n, size, decay, generator):
-    """n diamond-square height maps of side size (the next power of two, cropped), in [0, 1]."""
-    m = 1 << (size - 1).bit_length()
-    a = torch.zeros(n, m, m, dtype=torch.float64)
-    step, wibble = m, 100.0
-
-    def wibbled_mean(total):  # mean of 4 neighbours + uniform noise of amplitude wibble^2
-        return total / 4 + wibble * (2 * torch.rand(total.shape, generator=generator, dtype=torch.float64) - 1) * wibble
-
-    while step >= 2:
-        half = step // 2
-        corners = a[:, ::step, ::step]
-        squares = corners + corners.roll(-1, 1)
-        a[:, half::step, half::step] = wibbled_mean(squares + squares.roll(-1, 2))
-        centres, corners = a[:, half::step, half::step], a[:, ::step, ::step]
-        a[:, ::step, half::step] = wibbled_mean(centres + centres.roll(1, 1) + corners + corners.roll(-1, 2))
-        a[:, half::step, ::step] = wibbled_mean(centres + centres.roll(1, 2) + corners + corners.roll(-1, 1))
-        step, wibble = half, wibble / decay
-    a = a - a.amin((1, 2), keepdim=True)
-    return (a / a.amax((1, 2), keepdim=True))[:, :size, :size]
-
-
-def _clipped_zoom(x, zoom):
-    """Zoom into the centre of (N, C, H, H) by zoom (bilinear, corners aligned as scipy.ndimage.zoom's
-    order 1) and crop back to H x H."""
-    h = x.shape[-1]
-    ch = math.ceil(h / zoom)
-    top = (h - ch) // 2
-    out = F.interpolate(x[..., top:top + ch, top:top + ch], size=(round(ch * zoom),) * 2, mode="bilinear",
-                        align_corners=True)
-    trim = (out.shape[-1] - h) // 2
-    return out[..., trim:trim + h, trim:trim + h]
-
-
-def _glass_shuffle(x, shift, passes, generator):
-    """CIFAR-C's local pixel shuffle: visit pixels from the bottom-right corner inwards and swap each
-    with a neighbour at an offset drawn from [-shift, shift) in each axis, per image."""
-    n, _, h, w = x.shape
-    rows = torch.arange(n)
-    for _ in range(passes):
-        for i in range(h - shift, shift, -1):
-            for j in range(w - shift, shift, -1):
-                d = torch.randint(-shift, shift, (n, 2), generator=generator)
-                i2, j2 = i + d[:, 1], j + d[:, 0]
-                here, there = x[rows, :, i, j].clone(), x[rows, :, i2, j2].clone()
-                x[rows, :, i, j], x[rows, :, i2, j2] = there, here
-    return x
-
-
-def corrupt(images, name, severity, generator):
-    """Corrupt a uint8 batch (N, C, H, W) at severity 1..5; returns uint8. Same seed, same result."""
-    from torchvision.io import decode_jpeg, encode_jpeg
-    c = CORRUPTIONS[name][severity - 1]
-    if name in COLOUR_ONLY and images.shape[1] != 3:
-        raise ValueError(f"{name} changes colour; these images have {images.shape[1]} channel(s)")
-    if name == "jpeg_compression":
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its JPEG codec for torchcodec
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.stack([decode_jpeg(encode_jpeg(img, quality=c)) for img in images])
-    x = images.float() / 255
-    if name == "gaussian_noise":
-        x = x + c * torch.randn(x.shape, generator=generator)
-    elif name == "shot_noise":
-        x = torch.poisson(x * c, generator=generator) / c
-    elif name == "impulse_noise":
-        u = torch.rand(x.shape, generator=generator)
-        x = torch.where(u < c / 2, 0.0, torch.where(u > 1 - c / 2, 1.0, x))
-    elif name == "speckle_noise":
-        x = x + x * c * torch.randn(x.shape, generator=generator)
-    elif name == "gaussian_blur":
-        x = _gaussian(x, c)
-    elif name == "defocus_blur":  # each channel filtered with the disk, edges reflected (OpenCV's default)
-        k = _disk(*c).to(x.dtype)
-        n, ch, h, w = x.shape
-        x = F.conv2d(F.pad(x.reshape(n * ch, 1, h, w), (8, 8, 8, 8), mode="reflect"), k[None, None])
-        x = x.reshape(n, ch, h, w)
-    elif name == "glass_blur":  # blur, quantise to uint8 by truncation (as the benchmark does), shuffle, blur
-        sigma, shift, passes = c
-        x = _glass_shuffle(torch.floor(_gaussian(x.double(), sigma) * 255), shift, passes, generator)
-        x = _gaussian(x / 255, sigma)
-    elif name == "zoom_blur":
-        import numpy as np  # numpy's arange, so the zoom factors are the benchmark's to the last bit
-        zooms = np.arange(1, c, 0.01)
-        x = (x + sum(_clipped_zoom(x, float(z)) for z in zooms)) / (len(zooms) + 1)
-    elif name == "fog":  # a plasma fractal per image added, then rescaled by the image's maximum
-        strength, decay = c
-        peak = x.amax((1, 2, 3), keepdim=True)
-        x = x + strength * _plasma(len(x), max(x.shape[-2:]), decay, generator)[:, None, :x.shape[2], :x.shape[3]]
-        x = x * peak / (peak + strength)
-    elif name == "contrast":
-        means = x.mean((2, 3), keepdim=True)
-        x = (x - means) * c + means
-    elif name == "brightness":  # HSV: V' = min(V + c, 1) with hue and saturation kept
-        # V = max over channels. V > 0: RGB x V'/V keeps H and S. V = 0 (black): S = 0, so the
-        # pixel becomes grey (V', V', V'); on a one-channel image this is x + c everywhere.
-        v = x.max(1, keepdim=True).values
-        lifted = (v + c).clamp(max=1)
-        x = torch.where(v > 0, x * lifted / v.clamp(min=1e-12), lifted.expand_as(x))
-    elif name == "saturate":  # HSV: S' = clip(a S + b, 0, 1) with hue and value kept
-        # Every channel is V - V S k(H) with k in [0, 1], so x' = V - (V - x) S'/S. Grey pixels
-        # (S = 0) have hue 0 (red), as skimage and colorsys convert them: R = V, G = B = V (1 - S').
-        v, low = x.max(1, keepdim=True).values, x.min(1, keepdim=True).values
-        delta = v - low
-        s = torch.where(v > 0, delta / v.clamp(min=1e-12), 0.0)
-        s2 = (s * c[0] + c[1]).clamp(0, 1)
-        grey = torch.cat([v, v * (1 - s2), v * (1 - s2)], 1)
-        x = torch.where(delta > 0, v - (v - x) * v * s2 / delta.clamp(min=1e-12), grey)
-    elif name == "pixelate":
-        h, w = x.shape[-2:]
-        small = F.interpolate(x, size=(int(h * c), int(w * c)), mode="area")
-        x = F.interpolate(small, size=(h, w), mode="nearest")
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def corruption_table(net, test_data, normalize, names, aggregate="probs", batch_size=256, seed=0):
-    """Accuracy, NLL and ECE of the soft vote per corruption and severity (Sec. 4.1, Fig. 2)."""
-    from tqdm import tqdm
-    out = {}
-    grid = [(n, s) for n in names for s in range(1, 6)]
-    for name, severity in tqdm(grid, desc="corruptions", leave=False, disable=not sys.stderr.isatty()):
-        g = torch.Generator().manual_seed(seed)
-        x = test_data["x"]
-        batches = ((normalize(corrupt(x[i:i + batch_size], name, severity, g)), test_data["y"][i:i + batch_size])
-                   for i in range(0, len(x), batch_size))
-        m = summarize(*predict(net, batches), aggregate)
-        out[name, severity] = {k: m[k] for k in ("acc", "nll", "ece")}
-    return out
-
-
-# The 19 corruptions of the published CIFAR-10/100-C files (Hendrycks & Dietterich 2019): the 15
-# of the benchmark's mean, then the 4 extra ones. Each NAME.npy holds the test set 5 times
-# (severity 1 to 5, in that order) as uint8 (5 N, H, W, C); labels.npy holds the labels (5 N).
-CIFAR_C = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-           "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-           "jpeg_compression", "speckle_noise", "gaussian_blur", "spatter", "saturate")
-
-
-def corruption_files(folder, shape=None, num_classes=None):
-    """The corruption names of a CIFAR-100-C style folder (NAME.npy beside labels.npy), checked
-    before any evaluation: readable arrays (never pickles), uint8 pixels, 5 severities of the same
-    test set, integer labels; given the model's input shape (C, H, W) and classes, those too."""
-    import numpy as np
-    folder = Path(folder)
-    flag = f"--corruptions-dir {folder}"
-    if not (folder / "labels.npy").is_file():
-        raise ValueError(f"{flag}: no labels.npy (expected the CIFAR-100-C layout: NAME.npy per corruption and "
-                         "labels.npy)")
-    names = [n for n in CIFAR_C if (folder / f"{n}.npy").is_file()]
-    names += sorted(p.stem for p in folder.glob("*.npy") if p.stem not in CIFAR_C and p.stem != "labels")
-    if not names:
-        raise ValueError(f"{flag}: no corruption .npy files beside labels.npy")
-
-    def array(name):
-        try:  # allow_pickle=False: a pickled .npy could run code
-            return np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-        except Exception as e:
-            raise ValueError(f"{flag}: {name}.npy is not a plain numpy array (not a .npy file, or pickled objects, "
-                             f"which are never loaded; {type(e).__name__})") from None
-    labels = array("labels")
-    n = len(labels) if labels.ndim == 1 else -1
-    if n <= 0 or n % 5 or labels.dtype.kind not in "iu":
-        raise ValueError(f"{flag}: labels.npy must hold integer labels, 5 severities x the test set (got "
-                         f"{labels.dtype} {labels.shape})")
-    if num_classes is not None and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
-        raise ValueError(f"{flag}: labels.npy has labels outside [0, {num_classes}) for a {num_classes}-class model")
-    for name in names:
-        x = array(name)
-        if x.shape[:1] != (n,) or x.ndim not in (3, 4):
-            raise ValueError(f"{flag}: {name}.npy has shape {x.shape}, expected ({n}, H, W[, C]) with {n} = 5 "
-                             "severities x the test set")
-        if x.dtype != np.uint8:
-            raise ValueError(f"{flag}: {name}.npy holds {x.dtype}, expected uint8 pixels 0-255 as published")
-        image = (1, *x.shape[1:]) if x.ndim == 3 else (x.shape[3], *x.shape[1:3])
-        if shape is not None and tuple(image) != tuple(shape):
-            raise ValueError(f"{flag}: {name}.npy holds {image[0]} x {image[1]} x {image[2]} images (C x H x W); "
-                             f"the model takes {shape[0]} x {shape[1]} x {shape[2]}")
-    return names
-
-
-def corruption_table_from_files(net, folder, normalize, aggregate="probs", batch_size=256):
-    """Accuracy, NLL and ECE of the soft vote on the published corrupted test sets, per corruption
-    and severity: the numbers papers quote as CIFAR-100-C."""
-    import numpy as np
-    folder, out = Path(folder), {}
-    labels = torch.from_numpy(np.load(folder / "labels.npy").astype(np.int64))
-    per = len(labels) // 5
-    for name in corruption_files(folder):
-        data = np.load(folder / f"{name}.npy", mmap_mode="r")
-        for severity in range(1, 6):
-            lo = (severity - 1) * per
-            x = torch.from_numpy(np.array(data[lo:lo + per]))  # a copy: the memory map is read-only
-            x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
-            y = labels[lo:lo + per]
-            batches = ((normalize(x[i:i + batch_size]), y[i:i + batch_size]) for i in range(0, per, batch_size))
-            m = summarize(*predict(net, batches), aggregate)
-            out[name, severity] = {k: m[k] for k in ("acc", "nll", "ece")}
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
 # Plots (matplotlib, imported only when plotting)
 
 
@@ -684,14 +421,14 @@ def plot_history(jsonl_paths, path):
         try:
             log = [json.loads(line) for line in open(p) if line.strip()]
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"--history {p}: not a JSONL log (one JSON object per line)") from None
+            raise ValueError(f"{p}: not a JSONL log (one JSON object per line)") from None
         if not log or not ({"epoch", "acc", "pd_any"} <= set(log[0]) or {"update", "loss"} <= set(log[0])):
-            raise ValueError(f"--history {p}: not a train_vision.py log (epoch, acc, pd_any per line) nor a "
+            raise ValueError(f"{p}: not a train_vision.py log (epoch, acc, pd_any per line) nor a "
                              "train_lm.py log (update, loss per line)")
         runs.append({"config": {"run": Path(p).parent.name or str(p)}, "log": log})
     lm = ["update" in r["log"][0] for r in runs]
     if len(set(lm)) > 1:
-        raise ValueError("--history: give either vision logs or language-model logs, not both")
+        raise ValueError("give either vision logs or language-model logs, not both")
     keys = ["run"] if len(runs) > 1 else []
     title = Path(jsonl_paths[0]).parent.name if len(runs) == 1 else f"{len(runs)} runs"
     if lm[0]:
@@ -701,6 +438,7 @@ def plot_history(jsonl_paths, path):
         plot_over_training(runs, keys, "epoch", [("acc", "test accuracy (%)", 100), ("head_acc", "accuracy of each "
                                                  "head (%)", 100), ("pd_any", "disagreement, any (%)", 100),
                                                  ("nll", "test NLL", 1), ("ece", "test ECE", 1)], path, title, "")
+
 
 # ----------------------------------------------------------------------------------------------
 # Report: a folder of runs -> results.csv, summary.md and the paper's analysis figures (Sec. 5)
@@ -1191,23 +929,8 @@ def write_report(folders, out, benches=(), rows_files=()):
     return written
 
 
-def report_main(argv):
-    ap = neurotrails.Parser(prog="evaluate.py report", description="Collect run folders (for example the points of "
-                            "a --sweep) into REPORT/results.csv (a row per finished run: swept values, seed, metrics), "
-                            "REPORT/summary.md (mean ± std over seeds per point) and the figures the runs support: "
-                            "budget (accuracy vs --epochs), Fig. 3 (vs blocks in head, and the accuracy-disagreement "
-                            "plot), Fig. 5 (over training), Fig. 6 (vs M), Fig. 7 (vs sparsity); language runs: "
-                            "lm_results.csv, lm_summary.md, perplexity over updates and per head.")
-    ap.add_argument("folders", nargs="*", help="folders searched (recursively) for run folders")
-    ap.add_argument("--out", required=True, help="folder for the report (created)")
-    ap.add_argument("--bench", nargs="+", default=[], metavar="JSON",
-                    help="export_bench.py bench/table7 --json files: Fig. 8, throughput ratio vs sparsity")
-    ap.add_argument("--rows", nargs="+", default=[], metavar="CSV",
-                    help="results.csv / lm_results.csv of earlier reports, for runs whose folders are not here "
-                         "(another machine, a lost disk): their rows join the tables and the per-point figures "
-                         "(not the curves over training, which need the logs); a run folder given here wins over "
-                         "a row of the same point and seed")
-    args = ap.parse_args(argv)
+def report_command(args, ap):
+    """`evaluate.py report`: run folders (and earlier reports' rows) -> tables and figures."""
     try:
         if not args.folders and not args.bench and not args.rows:
             raise ValueError("give run folders, --rows files and/or --bench files")
@@ -1232,29 +955,8 @@ def report_main(argv):
         print(f"wrote {path}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def flops_main(argv):
-    ap = neurotrails.Parser(prog="evaluate.py flops", description="Inference and training FLOPs and "
-                            "parameters of a configuration, and their ratios to the single dense model "
-                            "(App. F; RigL App. H). Nothing is trained or allocated.")
-    ap.add_argument("--model", default="wrn28-10", help="base network: " + ", ".join(models.model_names()))
-    neurotrails.add_arguments(ap, 0.0, " (default: 0, dense)")
-    ap.add_argument("--full-ensemble", action="store_true", help="M independent full models")
-    ap.add_argument("--num-classes", type=int_in(1), default=100, help="classes of a vision model")
-    ap.add_argument("--image-size", type=int_in(8, 4096), default=32, help="input height = width (ImageNet: 224)")
-    ap.add_argument("--seq-len", type=int_in(1, 1 << 20), default=256, help="tokens per sequence of a LLaMA model")
-    ap.add_argument("--epochs", type=float_in(0, lo_open=True), default=1,
-                    help="epochs (or update steps x batch / examples) of this run, > 0")
-    ap.add_argument("--single-epochs", type=float_in(0, lo_open=True), default=1,
-                    help="epochs of the single dense reference run, > 0")
-    ap.add_argument("--train-examples", type=int_in(1), default=1, help="examples per epoch (CIFAR-100: 50000)")
-    ap.add_argument("--delta-t", type=int_in(0), default=100, help="steps between RigL updates (0: static)")
-    ap.add_argument("--batch-size", type=int_in(1), default=128, help="examples per training step")
-    ap.add_argument("--json", action="store_true", help="print one JSON object")
-    args = ap.parse_args(argv)
+def flops_command(args, ap):
+    """`evaluate.py flops`: a configuration's FLOPs and parameters, for ER/ERK and uniform side by side."""
     try:  # --init's allocation first, the other beside it: the paper's ratios are uniform's (README audit)
         inits = [args.init] + [i for i in ("er", "uniform") if i != args.init]
         reports = {init: flops_report(args.model, args.num_heads, args.blocks_in_head, args.sparsity,
@@ -1272,25 +974,8 @@ def flops_main(argv):
         print(f"{k:<30} " + " ".join(f"{c:>16.4g}" if isinstance(v, float) else f"{c:>16,}" for c in cells))
 
 
-PAPER_TASKS = "mmlu,boolq,arc_easy,piqa,hellaswag,openbookqa,winogrande"  # Table 5
-
-
-def lm_eval_main(argv):
-    ap = neurotrails.Parser(prog="evaluate.py lm-eval", description="Zero-shot downstream accuracy of a "
-                            "train_lm.py checkpoint through lm-eval-harness (paper Table 5), scored with the "
-                            "ensemble's log-probabilities. The tasks' data come from the HuggingFace hub.")
-    ap.add_argument("--checkpoint", required=True, help="a last.pt written by train_lm.py")
-    ap.add_argument("--tasks", default=PAPER_TASKS, help=f"comma-separated lm-eval task names (default: {PAPER_TASKS})")
-    ap.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAML files (e.g. local data). "
-                    "A task file can run Python code (!function entries): include only folders you trust")
-    ap.add_argument("--num-fewshot", type=int_in(0), default=0, help="in-context examples (paper: 0)")
-    ap.add_argument("--limit", type=int_in(1), default=None, help="at most this many documents per task (a quick look)")
-    ap.add_argument("--batch-size", type=int_in(1), default=16, help="sequences per forward pass")
-    ap.add_argument("--aggregate", default="probs", choices=["probs", "logits"],
-                    help="ensemble rule: mean of probabilities (paper) or of logits (released code)")
-    ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    ap.add_argument("--json", action="store_true", help="print the harness' per-task results as one JSON object")
-    args = ap.parse_args(argv)
+def lm_eval_command(args, ap):
+    """`evaluate.py lm-eval`: zero-shot tasks of a train_lm.py checkpoint through lm-eval-harness."""
     try:  # every flag first, then the checkpoint, then the hub: a typo fails in seconds
         tasks = [t for t in args.tasks.split(",") if t]
         if not tasks:
@@ -1323,50 +1008,17 @@ def lm_eval_main(argv):
         print(f"{task:<24} " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
-def head_state_dicts(net):
-    """Per head i, the state dict of a plain transformers LlamaForCausalLM that computes exactly
-    head i's path (backbone + head i): embed_tokens, layers 0..L-1, the head's final norm and
-    lm_head. Masked weights are already exact zeros, so the file holds the sparse model."""
-    shared, out = {}, []
-    for key, value in net.backbone.state_dict().items():  # stem.weight, block<j>.layer.<...>
-        shared["model.embed_tokens.weight" if key == "stem.weight" else
-               re.sub(r"^block(\d+)\.layer\.", r"model.layers.\1.", key)] = value
-    for head in net.heads:
-        sd = dict(shared)
-        for key, value in head.state_dict().items():
-            key = re.sub(r"^block(\d+)\.layer\.", r"model.layers.\1.", key)
-            sd[{"stem.weight": "model.embed_tokens.weight", "tail.0.weight": "model.norm.weight",
-                "tail.1.weight": "lm_head.weight"}.get(key, key)] = value
-        out.append(sd)
-    return out
-
-
-def export_hf_main(argv):
-    ap = neurotrails.Parser(prog="evaluate.py export-hf", description="Write each head of a train_lm.py checkpoint "
-                            "(backbone + head i, its sparse weights as exact zeros) as a standard transformers LLaMA "
-                            "folder (save_pretrained, safetensors, with the tokenizer): OUT/head1, OUT/head2, ... load "
-                            "with AutoModelForCausalLM.from_pretrained or `lm_eval --model hf --model_args "
-                            "pretrained=OUT/head1`, without this project. The ensemble (the soft vote of the heads) "
-                            "is not a transformers model: evaluate it with `evaluate.py lm-eval --checkpoint`.")
-    ap.add_argument("--checkpoint", required=True, help="a last.pt written by train_lm.py")
-    ap.add_argument("--out", required=True, help="folder for head1/, head2/, ... (created; must not hold them)")
-    args = ap.parse_args(argv)
+def history_command(args, ap):
+    """`evaluate.py history`: training curves of run logs, overlaid."""
     try:
-        out = Path(args.out)
-        if out.exists() and (not out.is_dir() or any(out.glob("head*"))):
-            raise ValueError(f"--out {out}: {'a file' if not out.is_dir() else 'already holds head folders'}")
-        net, tokenizer, config = load_language_model(args.checkpoint, "cpu")
-        from transformers import LlamaForCausalLM
-        hf_config = models.llama_config(config["model"], len(tokenizer), max(1024, config["seq_len"]))
-        for i, sd in enumerate(head_state_dicts(net), 1):
-            hf = LlamaForCausalLM(hf_config)
-            hf.load_state_dict(sd, strict=True)  # every weight of the head's path, nothing left over
-            folder = out / f"head{i}"
-            hf.save_pretrained(folder, safe_serialization=True)
-            tokenizer.save_pretrained(folder)
-            print(f"wrote {folder}")
-    except (ValueError, OSError, RuntimeError) as e:
+        for log in args.logs:
+            if not Path(log).is_file():
+                raise ValueError(f"{log}: no such log file")
+        check_figure_path(args.plot, "--plot")
+        plot_history(args.logs, args.plot)
+    except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError
         ap.fail(e)
+    print(f"wrote {args.plot}")
 
 
 def load_language_model(path, device=None):
@@ -1380,11 +1032,16 @@ def load_language_model(path, device=None):
                          f"{config.get('tokenizer')!r}); its token ids cannot be read")
     tokenizer = models.load_tokenizer(config["tokenizer"], state.get("tokenizer_json"))
     return neurotrails.model_from_checkpoint(state, device, f"--checkpoint {path}").eval(), tokenizer, config
+PAPER_TASKS = "mmlu,boolq,arc_easy,piqa,hellaswag,openbookqa,winogrande"  # Table 5
 
 
-def add_checkpoint_arguments(ap):
+# ----------------------------------------------------------------------------------------------
+# Checkpoint evaluation flags, shared by `train_vision.py --eval-only` and `train_lm.py --eval-only`
+
+
+def add_checkpoint_arguments(ap, corruptions=()):
     """The flags of a checkpoint evaluation, declared once for `train_vision.py --eval-only` and
-    `train_lm.py --eval-only`."""
+    `train_lm.py --eval-only`; `corruptions` names the generated corruptions (train_vision.py's)."""
     ap.add_argument("--checkpoint", help="a checkpoint written by train_vision.py or train_lm.py")
     ap.add_argument("--data-dir", default=None, help="dataset folder (default: the one stored in the checkpoint, "
                     "read only: nothing is downloaded or unpacked there unless --data-dir names it)")
@@ -1395,7 +1052,7 @@ def add_checkpoint_arguments(ap):
     ap.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     ap.add_argument("--corruptions", nargs="?", const="all", default=None,
                     help="also evaluate on corrupted test images at severities 1-5: 'all' or a comma-separated "
-                         "subset of " + ", ".join(CORRUPTIONS) + " (CIFAR-100 / Fashion-MNIST checkpoints)")
+                         "subset of " + (", ".join(corruptions) or "the vision corruptions") + " (CIFAR-100 / Fashion-MNIST checkpoints)")
     ap.add_argument("--image-folder", default=None,
                     help="evaluate on this ImageFolder (one folder per class, e.g. ImageNet-Sketch) instead")
     ap.add_argument("--corruptions-dir", default=None, metavar="DIR",
@@ -1420,18 +1077,10 @@ def check_figure_path(path, flag):
 
 def check_checkpoint_arguments(args, script):
     """One-line ValueError for a checkpoint-evaluation flag that cannot work, before any work."""
-    names = corruption_names(args.corruptions)
-    if any(n not in CORRUPTIONS for n in names):
-        raise ValueError(f"--corruptions: unknown corruption in {args.corruptions!r}; choose from "
-                         f"{', '.join(CORRUPTIONS)}")
     if args.plot:
         check_figure_path(args.plot, "--plot")
     if args.image_folder and not Path(args.image_folder).is_dir():
         raise ValueError(f"--image-folder {args.image_folder}: no such folder")
-    if args.corruptions_dir:
-        if args.corruptions:
-            raise ValueError("--corruptions (generated) and --corruptions-dir (the published files): give one")
-        corruption_files(args.corruptions_dir)
     if args.heads_grid:
         check_figure_path(args.heads_grid, "--heads-grid")
     if args.grid_with and not args.heads_grid:
@@ -1448,15 +1097,18 @@ def check_checkpoint_arguments(args, script):
                              "train_lm.py checkpoint (its evaluation is the validation perplexity)")
 
 
-def eval_only_args(argv, script):
-    """The parsed and checked flags of `<script> --eval-only` (a one-line error and exit 1 else)."""
+def eval_only_args(argv, script, corruptions=(), check=None):
+    """The parsed and checked flags of `<script> --eval-only` (a one-line error and exit 1 else);
+    check(args): the script's own checks of its flags, before any work."""
     ap = neurotrails.Parser(prog=f"{script} --eval-only", description=f"Evaluate a {script} checkpoint on its own "
                             "data (its test set, an ImageFolder, corruptions; LM: validation perplexities).")
-    add_checkpoint_arguments(ap)
+    add_checkpoint_arguments(ap, corruptions)
     args = ap.parse_args(argv)
     try:
         if not args.checkpoint:
             raise ValueError("--eval-only needs --checkpoint PATH")
+        if check is not None:
+            check(args)
         check_checkpoint_arguments(args, script)
     except (ValueError, OSError) as e:
         ap.fail(e)
@@ -1495,108 +1147,96 @@ def rounded(value):
     return f"{value:.4g}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def corruption_names(spec, channels=3):
-    """The corruptions a --corruptions value asks for; 'all' leaves out the colour-only ones on
-    one-channel images, naming one of them there is an error."""
-    if not spec:
-        return []
-    if spec == "all":
-        return [n for n in CORRUPTIONS if channels == 3 or n not in COLOUR_ONLY]
-    names = spec.split(",")
-    if channels != 3 and any(n in COLOUR_ONLY for n in names):
-        raise ValueError(f"--corruptions: {', '.join(n for n in names if n in COLOUR_ONLY)} changes colour; "
-                         f"these images have {channels} channel(s)")
-    return names
+# ----------------------------------------------------------------------------------------------
+# Command line: `evaluate.py COMMAND ...`, one argparse subparser per command
 
 
-def report_image_checkpoint(net, batches, args, aggregate, test_data=None, normalize=None):
-    """Metrics of a vision checkpoint on its test batches (what `train_vision.py --eval-only` prints),
-    plus the corruption table (test_data: the uint8 test set, normalize: its normalisation) and
-    the reliability diagram when asked for."""
-    logits, labels = predict(net, batches)
-    result = {**summarize(logits, labels, aggregate), **parameter_counts(net)}
-    names = corruption_names(args.corruptions, test_data["x"].shape[1] if isinstance(test_data, dict) else 3)
-    if args.corruptions_dir:  # the published files: every corruption they hold
-        table = corruption_table_from_files(net, args.corruptions_dir, normalize, aggregate, args.batch_size)
-        names = list(dict.fromkeys(n for n, _ in table))
-    elif names:
-        table = corruption_table(net, test_data, normalize, names, aggregate, args.batch_size)
-    if names:
-        result["corruptions"] = {f"{n}/{s}": v for (n, s), v in table.items()}
-        result["corruption_acc_by_severity"] = [sum(table[n, s]["acc"] for n in names) / len(names)
-                                                for s in range(1, 6)]
-    if args.plot:
-        plot_reliability(neurotrails.soft_vote(logits, aggregate), labels, args.plot,
-                         Path(args.checkpoint).resolve().parent.name)
-        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)  # stdout stays one JSON object
-    if args.json:
-        print(json.dumps(result))
-        return
-    corruptions = result.pop("corruptions", None)
-    by_severity = result.pop("corruption_acc_by_severity", None)
-    print(" | ".join(f"{k} {rounded(v)}" for k, v in result.items()))
-    if corruptions:
-        print(f"\n{'corruption':<18}" + "".join(f"{'sev ' + str(s):>9}" for s in range(1, 6)) + "   (accuracy %)")
-        for n in names:
-            print(f"{n:<18}" + "".join(f"{100 * corruptions[f'{n}/{s}']['acc']:>9.2f}" for s in range(1, 6)))
-        print(f"{'mean':<18}" + "".join(f"{100 * a:>9.2f}" for a in by_severity))
-        for metric in ("nll", "ece"):  # calibration under shift, mean over the corruptions
-            print(f"{'mean ' + metric.upper():<18}" + "".join(
-                f"{sum(corruptions[f'{n}/{s}'][metric] for n in names) / len(names):>9.3f}" for s in range(1, 6)))
-
-
-def report_language_checkpoint(net, batches, args, autocast=None):
-    """Validation perplexities of a language checkpoint (soft vote, mean of logits, per head)."""
-    result = {**perplexity(net, batches, autocast), **parameter_counts(net)}
-    if args.json:
-        print(json.dumps(result))
-        return
-    heads = " ".join(f"{p:.3f}" for p in result.pop("ppl_heads"))
-    print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
-          + f" | ppl_heads {heads}")
-
-
-def main():
-    if sys.argv[1:2] == ["flops"]:
-        return flops_main(sys.argv[2:])
-    if sys.argv[1:2] == ["lm-eval"]:
-        return lm_eval_main(sys.argv[2:])
-    if sys.argv[1:2] == ["report"]:
-        return report_main(sys.argv[2:])
-    if sys.argv[1:2] == ["export-hf"]:
-        return export_hf_main(sys.argv[2:])
-    ap = neurotrails.Parser(prog="evaluate.py", description="Plot training logs. Subcommands: `evaluate.py flops "
-                            "--help`, `evaluate.py lm-eval --help`, `evaluate.py report --help`, `evaluate.py export-hf "
-                            "--help`. A checkpoint is evaluated by the script that wrote it, where its data loading "
-                            "lives: `train_vision.py --eval-only --checkpoint PATH` (or train_lm.py).")
-    ap.add_argument("--checkpoint", default=None,
+def parser():
+    ap = neurotrails.Parser(prog="evaluate.py", description="The paper's measurements from the command line. A "
+                            "checkpoint is evaluated by the script that wrote it, where its data loading lives: "
+                            "`train_vision.py --eval-only --checkpoint PATH` (or train_lm.py).")
+    ap.add_argument("--checkpoint", default=None, dest="moved_checkpoint",
                     help="moved: `python train_vision.py --eval-only --checkpoint PATH` (or train_lm.py) evaluates it")
-    ap.add_argument("--history", nargs="+", default=None, metavar="LOG",
-                    help="training JSONL logs (log.jsonl of train_vision.py or train_lm.py runs): plot their curves, "
-                         "overlaid (vision: accuracy, per-head accuracy, disagreement, NLL, ECE; LM: loss, "
-                         "perplexity, per-head perplexity)")
-    ap.add_argument("--history-plot", default="history.png", help="output PNG for --history")
-    args, rest = ap.parse_known_args()
-    if args.checkpoint:  # the one process that evaluates is the trainer's: name its command
+    commands = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=neurotrails.Parser)
+
+    p = commands.add_parser("history", help="plot training curves of run logs", description="Training curves of "
+                              "log.jsonl files of train_vision.py runs (accuracy, per-head accuracy, disagreement, "
+                              "NLL, ECE; Fig. 4 / 5) or train_lm.py runs (loss, perplexity, per-head), overlaid.")
+    p.add_argument("logs", nargs="+", metavar="LOG", help="log.jsonl files of runs")
+    p.add_argument("--plot", default="history.png", help="output figure")
+    p.set_defaults(run=history_command, parser=p)
+
+    p = commands.add_parser("flops", help="FLOPs and parameters of a configuration (App. F)", description=(
+        "Inference and training FLOPs and parameters of a configuration, and their ratios to the single dense "
+        "model (App. F; RigL App. H), for ER/ERK and uniform layerwise density side by side. Nothing is trained "
+        "or allocated."))
+    p.add_argument("--model", default="wrn28-10", help="base network: " + ", ".join(models.model_names()))
+    neurotrails.add_arguments(p, 0.0, " (default: 0, dense)")
+    p.add_argument("--full-ensemble", action="store_true", help="M independent full models")
+    p.add_argument("--num-classes", type=int_in(1), default=100, help="classes of a vision model")
+    p.add_argument("--image-size", type=int_in(8, 4096), default=32, help="input height = width (ImageNet: 224)")
+    p.add_argument("--seq-len", type=int_in(1, 1 << 20), default=256, help="tokens per sequence of a LLaMA model")
+    p.add_argument("--epochs", type=float_in(0, lo_open=True), default=1,
+                    help="epochs (or update steps x batch / examples) of this run, > 0")
+    p.add_argument("--single-epochs", type=float_in(0, lo_open=True), default=1,
+                    help="epochs of the single dense reference run, > 0")
+    p.add_argument("--train-examples", type=int_in(1), default=1, help="examples per epoch (CIFAR-100: 50000)")
+    p.add_argument("--delta-t", type=int_in(0), default=100, help="steps between RigL updates (0: static)")
+    p.add_argument("--batch-size", type=int_in(1), default=128, help="examples per training step")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=flops_command, parser=p)
+
+    p = commands.add_parser("report", help="tables and figures of a folder of runs (Sec. 5)", description=(
+        "Collect run folders (for example the points of a --sweep) into REPORT/results.csv (a row per finished "
+        "run: swept values, seed, metrics), REPORT/summary.md (mean ± std over seeds per point) and the figures the "
+        "runs support: budget (accuracy and NLL vs epochs and vs training FLOPs), Fig. 3 (vs blocks in head, and "
+        "the accuracy-disagreement plot), Fig. 5 (over training), Fig. 6 (vs M), Fig. 7 (vs sparsity); language "
+        "runs: lm_results.csv, lm_summary.md, perplexity over updates and per head."))
+    p.add_argument("folders", nargs="*", help="folders searched (recursively) for run folders")
+    p.add_argument("--out", required=True, help="folder for the report (created)")
+    p.add_argument("--bench", nargs="+", default=[], metavar="JSON",
+                    help="export_bench.py bench/table7 --json files: Fig. 8, throughput ratio vs sparsity")
+    p.add_argument("--rows", nargs="+", default=[], metavar="CSV",
+                    help="results.csv / lm_results.csv of earlier reports, for runs whose folders are not here "
+                         "(another machine, a lost disk): their rows join the tables and the per-point figures "
+                         "(not the curves over training, which need the logs); a run folder given here wins over "
+                         "a row of the same point and seed")
+    p.set_defaults(run=report_command, parser=p)
+
+    p = commands.add_parser("lm-eval", help="zero-shot tasks of a train_lm.py checkpoint (Table 5)", description=(
+        "Zero-shot downstream accuracy of a train_lm.py checkpoint through lm-eval-harness (paper Table 5), scored "
+        "with the ensemble's log-probabilities. The tasks' data come from the HuggingFace hub."))
+    p.add_argument("--checkpoint", required=True, help="a last.pt written by train_lm.py")
+    p.add_argument("--tasks", default=PAPER_TASKS, help=f"comma-separated lm-eval task names (default: {PAPER_TASKS})")
+    p.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAML files (e.g. local data). "
+                    "A task file can run Python code (!function entries): include only folders you trust")
+    p.add_argument("--num-fewshot", type=int_in(0), default=0, help="in-context examples (paper: 0)")
+    p.add_argument("--limit", type=int_in(1), default=None, help="at most this many documents per task (a quick look)")
+    p.add_argument("--batch-size", type=int_in(1), default=16, help="sequences per forward pass")
+    p.add_argument("--aggregate", default="probs", choices=["probs", "logits"],
+                    help="ensemble rule: mean of probabilities (paper) or of logits (released code)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--json", action="store_true", help="print the harness' per-task results as one JSON object")
+    p.set_defaults(run=lm_eval_command, parser=p)
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
+    args, rest = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.moved_checkpoint:  # the one process that evaluates is the trainer's: name its command
+        path = args.moved_checkpoint
         try:
-            script = neurotrails.load_checkpoint(args.checkpoint, flag="--checkpoint", mmap=True)["script"]
+            script = neurotrails.load_checkpoint(path, flag="--checkpoint", mmap=True)["script"]
         except (ValueError, OSError) as e:
             ap.fail(e)
         ap.error(f"a checkpoint is evaluated by the script that wrote it: python {script} --eval-only "
-                 f"--checkpoint {args.checkpoint} {' '.join(rest)}".strip())
+                 f"--checkpoint {path} {' '.join(rest)}".strip())
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
-    if not args.history:
-        ap.error("give --history LOG ... (a checkpoint: <script> --eval-only --checkpoint PATH)")
-    try:
-        for log in args.history:
-            if not Path(log).is_file():
-                raise ValueError(f"--history {log}: no such log file")
-        check_figure_path(args.history_plot, "--history-plot")
-        plot_history(args.history, args.history_plot)
-        print(f"wrote {args.history_plot}")
-    except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError
-        ap.fail(e)
+    if args.command is None:
+        ap.error("choose a command: history, flops, report or lm-eval (evaluate.py COMMAND --help)")
+    args.run(args, args.parser)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@
     python export_bench.py export --model wrn28-10 --num-heads 3 --blocks-in-head 8 --sparsity 0.95 --out m.onnx
     python export_bench.py bench --variants single ensemble nt:0.8 nt:0.95 --batch-size 64
     python export_bench.py table7                      # the paper's Table 7 set, beside its ratios
+    python export_bench.py hf --checkpoint runs/lm-.../last.pt --out hf/   # each LLaMA head for transformers
 
 Paper map (arXiv 2505.17909):
   Sec. 5.4, Table 7   throughput (items/s) and latency (ms/batch) on DeepSparse     -> bench(), table7
   App. J, Fig. 8      theoretical (FLOP) vs measured speed-up                      -> the efficiency column
   Sec. 3              one graph: backbone once, M heads, soft vote inside           -> export()
+  Sec. 4.2, Table 5   each LLaMA head as a plain transformers model (lm-eval `hf`)  -> export_hf()
 
 One ONNX graph per model: the masks are already exact zeros in the weights, BatchNorm is in eval
 mode, the backbone is computed once, and the output is the ensemble's class probabilities (mean of
@@ -27,6 +29,7 @@ at the allocated densities: speed does not depend on trained values, only on whe
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -299,6 +302,45 @@ def results_json(results, args, paper=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# A language model's heads as plain transformers models (lm-eval-harness `--model hf`, the hub)
+
+
+def head_state_dicts(net):
+    """Per head i, the state dict of a plain transformers LlamaForCausalLM that computes exactly
+    head i's path (backbone + head i): embed_tokens, layers 0..L-1, the head's final norm and
+    lm_head. Masked weights are already exact zeros, so the file holds the sparse model."""
+    shared, out = {}, []
+    for key, value in net.backbone.state_dict().items():  # stem.weight, block<j>.layer.<...>
+        shared["model.embed_tokens.weight" if key == "stem.weight" else
+               re.sub(r"^block(\d+)\.layer\.", r"model.layers.\1.", key)] = value
+    for head in net.heads:
+        sd = dict(shared)
+        for key, value in head.state_dict().items():
+            key = re.sub(r"^block(\d+)\.layer\.", r"model.layers.\1.", key)
+            sd[{"stem.weight": "model.embed_tokens.weight", "tail.0.weight": "model.norm.weight",
+                "tail.1.weight": "lm_head.weight"}.get(key, key)] = value
+        out.append(sd)
+    return out
+
+def export_hf(checkpoint, out):
+    """Each head of a train_lm.py checkpoint (backbone + head i) as a plain transformers LLaMA folder,
+    out/head1, out/head2, ...: save_pretrained (safetensors) with the tokenizer."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.glob("head*"))):
+        raise ValueError(f"--out {out}: {'a file' if not out.is_dir() else 'already holds head folders'}")
+    net, tokenizer, config = evaluate.load_language_model(checkpoint, "cpu")
+    from transformers import LlamaForCausalLM
+    hf_config = models.llama_config(config["model"], len(tokenizer), max(1024, config["seq_len"]))
+    for i, sd in enumerate(head_state_dicts(net), 1):
+        hf = LlamaForCausalLM(hf_config)
+        hf.load_state_dict(sd, strict=True)  # every weight of the head's path, nothing left over
+        folder = out / f"head{i}"
+        hf.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        print(f"wrote {folder}")
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -311,7 +353,12 @@ def parse_args(argv=None):
              "bench": "throughput / latency of several variants on DeepSparse and ONNX Runtime, interleaved round by "
                       "round, with the paired speed-up and its 95 % interval",
              "table7": "the paper's Table 7 set on WRN-28-10 (single, full ensemble, NeuroTrails at several "
-                       "sparsities), beside the paper's ratios"}
+                       "sparsities), beside the paper's ratios",
+             "hf": "write each head of a train_lm.py checkpoint (backbone + head i, its sparse weights as exact "
+                   "zeros) as a standard transformers LLaMA folder (save_pretrained, safetensors, with the "
+                   "tokenizer): OUT/head1, OUT/head2, ... load with AutoModelForCausalLM.from_pretrained or "
+                   "`lm_eval --model hf --model_args pretrained=OUT/head1`, without this project. The ensemble (the "
+                   "soft vote of the heads) is not a transformers model: `evaluate.py lm-eval --checkpoint` scores it"}
     ex = sub.add_parser("export", help=texts["export"], description=texts["export"])
     ex.add_argument("--checkpoint", help="a train_vision.py checkpoint (else build from --model ...)")
     ex.add_argument("--out", default="model.onnx", help="output ONNX file")
@@ -333,6 +380,9 @@ def parse_args(argv=None):
                            help="also write the results as one JSON object (machine, CPU ISA, versions, settings, "
                                 "per engine and variant: items/s, ms mean ± std, ratio, FLOP ratio, efficiency); "
                                 "`evaluate.py report --bench FILE` plots it")
+    hf = sub.add_parser("hf", help=texts["hf"], description=texts["hf"])
+    hf.add_argument("--checkpoint", required=True, help="a last.pt written by train_lm.py")
+    hf.add_argument("--out", required=True, help="folder for head1/, head2/, ... (created; must not hold them)")
     sub.choices["bench"].add_argument("--variants", nargs="+", default=["single", "ensemble", "nt:0.8", "nt:0.95"],
                                       help="single, ensemble, treenet, nt:<sparsity> (single is always included)")
     return ap, ap.parse_args(argv)
@@ -346,6 +396,8 @@ MODEL_FLAGS = ("--model", "--num-heads", "--blocks-in-head", "--sparsity", "--al
 def main(argv=None):
     ap, args = parse_args(argv)
     try:
+        if args.command == "hf":
+            return export_hf(args.checkpoint, args.out)
         if args.command == "export":
             neurotrails.check_writable_file(args.out, "--out")
             typed = sys.argv[1:] if argv is None else argv

@@ -290,36 +290,6 @@ def build_from_config(config, **model_kwargs):
                  METHODS[config["method"]].full_ensemble, **model_kwargs)
 
 
-def summary(net, dens):
-    """Per masked tensor and per component: parameters, active parameters, density."""
-    tensors, comps = [], {}
-    for name, p in net.named_parameters():
-        d = dens.get(name, 1.0)
-        active = round(d * p.numel())
-        c = comps.setdefault(component(name), {"params": 0, "active": 0})
-        c["params"] += p.numel()
-        c["active"] += active
-        if name in dens:
-            tensors.append({"name": name, "shape": list(p.shape), "component": component(name),
-                            "density": d, "active": active})
-    total = {"params": sum(c["params"] for c in comps.values()),
-             "active": sum(c["active"] for c in comps.values())}
-    for c in [*comps.values(), total]:
-        c["density"] = c["active"] / c["params"]
-    return {"tensors": tensors, "components": comps, "total": total}
-
-
-def _print_summary(config, s):
-    print(" ".join(f"{k}={v}" for k, v in config.items()))
-    print(f"{'tensor':<44} {'shape':<22} {'component':<9} {'density':>8} {'active':>12}")
-    for t in s["tensors"]:
-        print(f"{t['name']:<44} {'x'.join(map(str, t['shape'])):<22} {t['component']:<9} "
-              f"{t['density']:>8.4f} {t['active']:>12,}")
-    print(f"\n{'component':<10} {'params':>14} {'active':>14} {'density':>8}")
-    for name, c in [*s["components"].items(), ("total", s["total"])]:
-        print(f"{name:<10} {c['params']:>14,} {c['active']:>14,} {c['density']:>8.4f}")
-
-
 # ==============================================================================================
 # Run plumbing, shared by the project's scripts; not the method. Command-line values and errors,
 # run folders, checkpoints, --config, sweeps and results files. A reader of the method can stop here.
@@ -334,7 +304,7 @@ class HelpWithDefaults(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+        if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in text:
             text += " (default: %(default)s)"
         return text
 
@@ -485,40 +455,32 @@ def _resumes_here(resume, out):
     return resume is not None and Path(resume).resolve().parent == Path(out).resolve()
 
 
+_HELD = set()  # run folders of this process: a record lock does not exclude its own process
+
+
 def _locked(path):
+    """True while a run holds `path`, a run folder's .lock: this process (_HELD) or another one
+    (its POSIX record lock). Record locks (fcntl.lockf) belong to a process: the kernel drops them
+    when it dies, even by SIGKILL, and forked children (DataLoader workers) never hold them."""
     import fcntl  # POSIX only: imported where used, so the module itself still imports anywhere
+    if path.parent.resolve() in _HELD:
+        return True  # (and opening the file here would release this process's lock on closing it)
     if not path.exists():
         return False
-    with open(path) as f:
+    with open(path) as f:  # closing it releases the shared lock taken to test
         try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
+            fcntl.lockf(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EAGAIN):
+                return True
+            raise
     return False
 
 
-_HELD_LOCKS = set()  # file descriptors of the .lock files this process holds
-
-
-def _close_locks_in_child():
-    """After a fork (DataLoader workers): the child closes its copies of the held .lock files.
-    A flock belongs to the open file description, shared with forked children, so an orphaned
-    worker would otherwise keep a SIGKILLed run's folder locked until it noticed and exited."""
-    for fd in _HELD_LOCKS:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _HELD_LOCKS.clear()
-
-
 class run_folder:
-    """Context manager: create --out, hold its .lock while training (a second run on the same
-    folder is refused; the kernel drops the lock if the process dies, even by SIGKILL, and forked
-    children never hold it); with --overwrite, remove the files of the run it replaces; resuming
-    into another folder, start it with the checkpoint resumed from."""
-
-    fork_hook = False  # os.register_at_fork is registered once per process, on first use
+    """Context manager: create --out, hold its .lock while training (a run of another process on
+    the same folder is refused; see _locked); with --overwrite, set the run it replaces aside;
+    resuming into another folder, start it with the checkpoint resumed from."""
 
     def __init__(self, out, resume=None, overwrite=False):
         self.out, self.resume, self.overwrite, self.lock = Path(out), resume, overwrite, None
@@ -532,16 +494,13 @@ class run_folder:
         except OSError as e:
             raise ValueError(f"--out {self.out}: cannot create it ({e.strerror})") from None
         try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             self.lock.close()
             raise ValueError(f"--out {self.out} is in use by another running process") from None
         self.lock.write(f"{os.getpid()}\n")
         self.lock.flush()
-        if not run_folder.fork_hook:
-            os.register_at_fork(after_in_child=_close_locks_in_child)
-            run_folder.fork_hook = True
-        _HELD_LOCKS.add(self.lock.fileno())
+        _HELD.add(self.out.resolve())
         own = _resumes_here(self.resume, self.out)
         (self.out / "last.pt.tmp").unlink(missing_ok=True)  # left by a kill during a save; we hold the lock
         if self.overwrite and not own and held_run(self.out):
@@ -568,10 +527,10 @@ class run_folder:
                 else:
                     (self.out / name).unlink(missing_ok=True)
             shutil.rmtree(self.out / REPLACED, ignore_errors=True)
-        _HELD_LOCKS.discard(self.lock.fileno())
+        _HELD.discard(self.out.resolve())
         if exc[0] is None:  # a clean exit leaves no .lock behind (after a crash it stays, unheld: harmless)
             (self.out / ".lock").unlink(missing_ok=True)
-        self.lock.close()  # closing releases the flock
+        self.lock.close()  # closing releases the lock
         return False
 
 
@@ -757,7 +716,8 @@ def last_good(path):
 
 
 def add_run_arguments(ap, out_help):
-    """The run flags of both trainers: --out, --resume, --overwrite, --device, --bf16."""
+    """The run flags of both trainers: --out, --resume, --overwrite, --device, --bf16, --head-lr-scale,
+    --sweep, --seeds and --config."""
     ap.add_argument("--out", default=None, help=f"output folder (default: {out_help}); a folder that holds a run "
                     "is refused unless --resume or --overwrite")
     ap.add_argument("--resume", default=None, help="continue exactly from this last.pt (into --out, which may be "
@@ -769,6 +729,18 @@ def add_run_arguments(ap, out_help):
     ap.add_argument("--head-lr-scale", type=float_in(0, 1e3, lo_open=True), default=1.0,
                     help="learning rate of the heads = this x --lr (default 1: the paper). The loss is the mean "
                          "over the M heads, so under SGD each head steps 1/M as far as a network alone; M undoes that")
+    ap.add_argument("--sweep", action="append", default=[], metavar="FLAG=V1,V2,...",
+                    help="run every value of FLAG (any flag that takes a value, e.g. blocks-in-head=1,2,4,8 or "
+                         "method=single,treenet); repeat for a product grid; one run folder per point under --out "
+                         "(named by its values), all run in this process; re-running the same command skips finished "
+                         "points (those whose stored config is the one it would run now; --overwrite re-runs points "
+                         "whose stored run differs) and resumes interrupted ones; points another process is running "
+                         "are left to it, so several processes can share one grid")
+    ap.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                    help="run every point of the grid with each of these seeds (default: --seed)")
+    ap.add_argument("--config", default=None, metavar="RUN.json",
+                    help="start from a stored run's settings (its config.json or results.json); flags given "
+                         "after it override them; where it ran (--out, --device, bf16) is not carried over")
 
 
 # Keys of a stored config that describe where and how a run ran, not what it is: not carried by --config.
@@ -778,12 +750,6 @@ CONFIG_NOT_CARRIED = ("out", "device", "bf16", "channels_last", "world_size", "r
 
 # Keys of a stored config that follow from the others (the method's own budget and its cost).
 CONFIG_DERIVED = ("epochs", "updates", "train_flops_vs_single", "infer_flops_vs_single")
-
-
-def add_config_argument(ap):
-    ap.add_argument("--config", default=None, metavar="RUN.json",
-                    help="start from a stored run's settings (its config.json or results.json); flags given "
-                         "after it override them; where it ran (--out, --device, bf16) is not carried over")
 
 
 def with_config(ap, argv):
@@ -820,17 +786,39 @@ def with_config(ap, argv):
     return carried + argv
 
 
-def methods_to_run(args, supported):
-    """--method, or the methods of --compare (checked against `supported`); --resume continues one run."""
-    if args.compare is not None and args.resume:
-        raise ValueError("--resume continues one run; it cannot be combined with --compare")
-    methods = [m.strip() for m in args.compare.split(",")] if args.compare is not None else [args.method]
-    if not all(methods):
-        raise ValueError(f"--compare {args.compare!r}: give comma-separated methods, e.g. single,neurotrails")
-    bad = [m for m in methods if m not in supported]
-    if bad:
-        raise ValueError(f"--compare: unknown method {bad[0]!r}; choose from {', '.join(supported)}")
-    return methods
+def run_command(main, argv, parse_args, resolve, run, supported, show, eval_only):
+    """A trainer's command line: `--eval-only ...` -> eval_only(rest); a sweep (every point in this
+    process, as main(point argv)); else --method, or each method of --compare in OUT/<method> (or
+    its default folder); then show(rows {method: record}, folder for compare.md or None) on rank 0.
+    parse_args(argv) -> (parser, args); resolve(args) -> a run's config; run(config, resume,
+    overwrite) -> its record."""
+    if argv[:1] == ["--eval-only"]:
+        return eval_only(argv[1:])
+    ap, args = parse_args(argv)
+    try:
+        if args.sweep or args.seeds is not None:
+            return run_sweep(main, argv, args, lambda point: resolve(parse_args(point)[1]))
+        if args.compare is not None and args.resume:
+            raise ValueError("--resume continues one run; it cannot be combined with --compare")
+        methods = [m.strip() for m in args.compare.split(",")] if args.compare is not None else [args.method]
+        if not all(methods):
+            raise ValueError(f"--compare {args.compare!r}: give comma-separated methods, e.g. single,neurotrails")
+        bad = [m for m in methods if m not in supported]
+        if bad:
+            raise ValueError(f"--compare: unknown method {bad[0]!r}; choose from {', '.join(supported)}")
+        init_distributed()
+        rows = {}
+        for m in methods:
+            out = args.out if not args.compare else None if args.out is None else f"{args.out}/{m}"
+            if args.compare:
+                print(f"\n== {m}", flush=True)
+            rows[m] = run(resolve(argparse.Namespace(**{**vars(args), "method": m, "out": out})),
+                          args.resume, args.overwrite)
+        import torch.distributed as dist
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            show(rows, args.out if args.compare else None)
+    except (ValueError, OSError, FloatingPointError) as e:
+        ap.fail(e)
 
 
 def init_distributed():
@@ -848,19 +836,6 @@ def init_distributed():
 
 # Flags a sweep owns or that would mix runs: never an axis.
 SWEEP_OWNED = ("--sweep", "--seeds", "--seed", "--out", "--resume", "--overwrite", "--compare")
-
-
-def add_sweep_arguments(ap):
-    """--sweep FLAG=V1,V2 (repeatable: a product) and --seeds S1,S2 of both trainers."""
-    ap.add_argument("--sweep", action="append", default=[], metavar="FLAG=V1,V2,...",
-                    help="run every value of FLAG (any flag that takes a value, e.g. blocks-in-head=1,2,4,8 or "
-                         "method=single,treenet); repeat for a product grid; one run folder per point under --out "
-                         "(named by its values), all run in this process; re-running the same command skips finished "
-                         "points (those whose stored config is the one it would run now; --overwrite re-runs points "
-                         "whose stored run differs) and resumes interrupted ones; points another process is running "
-                         "are left to it, so several processes can share one grid")
-    ap.add_argument("--seeds", default=None, metavar="S1,S2,...",
-                    help="run every point of the grid with each of these seeds (default: --seed)")
 
 
 def sweep_grid(specs, seeds, default_seed=0):
@@ -1111,6 +1086,36 @@ def write_results(out, script, config, record, wall_time_s):
     tmp.write_text(json.dumps(rounded(results), indent=1, default=float))
     os.replace(tmp, out / "results.json")
     return out / "results.json"
+
+
+def summary(net, dens):
+    """Per masked tensor and per component: parameters, active parameters, density."""
+    tensors, comps = [], {}
+    for name, p in net.named_parameters():
+        d = dens.get(name, 1.0)
+        active = round(d * p.numel())
+        c = comps.setdefault(component(name), {"params": 0, "active": 0})
+        c["params"] += p.numel()
+        c["active"] += active
+        if name in dens:
+            tensors.append({"name": name, "shape": list(p.shape), "component": component(name),
+                            "density": d, "active": active})
+    total = {"params": sum(c["params"] for c in comps.values()),
+             "active": sum(c["active"] for c in comps.values())}
+    for c in [*comps.values(), total]:
+        c["density"] = c["active"] / c["params"]
+    return {"tensors": tensors, "components": comps, "total": total}
+
+
+def _print_summary(config, s):
+    print(" ".join(f"{k}={v}" for k, v in config.items()))
+    print(f"{'tensor':<44} {'shape':<22} {'component':<9} {'density':>8} {'active':>12}")
+    for t in s["tensors"]:
+        print(f"{t['name']:<44} {'x'.join(map(str, t['shape'])):<22} {t['component']:<9} "
+              f"{t['density']:>8.4f} {t['active']:>12,}")
+    print(f"\n{'component':<10} {'params':>14} {'active':>14} {'density':>8}")
+    for name, c in [*s["components"].items(), ("total", s["total"])]:
+        print(f"{name:<10} {c['params']:>14,} {c['active']:>14,} {c['density']:>8.4f}")
 
 
 def main():

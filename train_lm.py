@@ -41,7 +41,6 @@ Deviation: C4 order. Released code: the streamed C4 is shuffled with a buffer. O
   stored order (its shards are already in random order), because a shuffle buffer's contents cannot
   be restored on --resume. Local text files are shuffled by paragraph with the seed (exactly resumable).
 """
-import argparse
 import json
 import math
 import sys
@@ -417,7 +416,14 @@ def eval_only(argv):
         batches = validation_batches(cfg, tokenizer)
     except (ValueError, OSError) as e:
         neurotrails.fail(prog, e)
-    evaluate.report_language_checkpoint(net, batches, args, bf16_autocast(cfg))
+    # the validation perplexities: soft vote, mean of logits, per head
+    result = {**evaluate.perplexity(net, batches, bf16_autocast(cfg)), **evaluate.parameter_counts(net)}
+    if args.json:
+        print(json.dumps(result))
+        return
+    heads = " ".join(f"{p:.3f}" for p in result.pop("ppl_heads"))
+    print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
+          + f" | ppl_heads {heads}")
 
 
 # The --compare table: header, then how a run's record is shown (tok/s 0: nothing trained in this call).
@@ -491,37 +497,14 @@ def parse_args(argv=None):
     training.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,
                     help="seed of init, masks, DST sampling and data order, in [0, 2^32)")
     neurotrails.add_run_arguments(run, "runs/lm-<model>-<method>-M<M>-S<S>-U<U>-<budget>-u<updates>-seed<seed>")
-    neurotrails.add_sweep_arguments(run)
-    neurotrails.add_config_argument(run)
     return ap, ap.parse_args(neurotrails.with_config(ap, sys.argv[1:] if argv is None else argv))
 
 
 def main(argv=None):
-    if argv is None:
-        argv = sys.argv[1:]
-    if argv[:1] == ["--eval-only"]:
-        return eval_only(argv[1:])
-    ap, args = parse_args(argv)
-    try:
-        if args.sweep or args.seeds is not None:  # every point in this process: main(<point's flags>)
-            return neurotrails.run_sweep(main, argv, args, lambda a: resolve_config(parse_args(a)[1]))
-    except ValueError as e:
-        ap.fail(e)
-    neurotrails.init_distributed()
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    try:
-        methods = neurotrails.methods_to_run(args, METHODS)
-        rows = {}
-        for m in methods:
-            cfg = resolve_config(argparse.Namespace(**{**vars(args), "method": m, "out": args.out if not args.compare
-                                                       else None if args.out is None else f"{args.out}/{m}"}))
-            if args.compare:
-                print(f"\n== {m}", flush=True)
-            rows[m] = run(cfg, args.resume, args.overwrite)
-        if rank == 0:  # --compare with --out: also OUT/compare.md and OUT/compare.csv
-            evaluate.print_comparison(rows, TABLE, args.out if args.compare else None)
-    except (ValueError, OSError, FloatingPointError) as e:
-        ap.fail(e)
+    """--eval-only, a sweep, --method or --compare (then one table; with --compare --out, also
+    OUT/compare.md and OUT/compare.csv)."""
+    neurotrails.run_command(main, sys.argv[1:] if argv is None else argv, parse_args, resolve_config, run, METHODS,
+                            lambda rows, out: evaluate.print_comparison(rows, TABLE, out), eval_only)
 
 
 # ----------------------------------------------------------------------------------------------

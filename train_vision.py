@@ -33,6 +33,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -397,7 +398,7 @@ def cost_vs_single(net, cfg, example):
 def eval_only(argv):
     """`train_vision.py --eval-only --checkpoint PATH ...`:
     a checkpoint's metrics on its own test set, read here where the data loading lives."""
-    prog, args = evaluate.eval_only_args(argv, SCRIPT)
+    prog, args = evaluate.eval_only_args(argv, SCRIPT, tuple(CORRUPTIONS), check_corruption_flags)
     try:
         state = load_checkpoint(args.checkpoint, flag="--checkpoint")
         cfg, device = state["config"], "cuda" if torch.cuda.is_available() else "cpu"
@@ -414,9 +415,9 @@ def eval_only(argv):
             raise ValueError(f"--{'corruptions' if args.corruptions else 'heads-grid'} needs an in-memory test set "
                              "(CIFAR-100 or Fashion-MNIST checkpoints)")
         if args.corruptions:  # colour-only corruptions on one-channel images: refused before any work
-            evaluate.corruption_names(args.corruptions, data["x"].shape[1])
+            corruption_names(args.corruptions, data["x"].shape[1])
         if args.corruptions_dir:  # the files against this model's input and classes, before any work
-            evaluate.corruption_files(args.corruptions_dir, state["input_shape"], state["model_kwargs"]["num_classes"])
+            corruption_files(args.corruptions_dir, state["input_shape"], state["model_kwargs"]["num_classes"])
         models_to_grid = [(Path(args.checkpoint).resolve().parent.name, net)]
         if args.grid_with:
             other = load_checkpoint(args.grid_with, flag="--grid-with")
@@ -432,8 +433,20 @@ def eval_only(argv):
                   for name, m in models_to_grid]
         evaluate.plot_head_grid(data["x"], data["y"].tolist(), logits, data.get("classes"), args.heads_grid)
         print(f"wrote {args.heads_grid}", file=sys.stderr if args.json else sys.stdout)
-    evaluate.report_image_checkpoint(net, batches, args, args.aggregate or cfg["aggregate"], data,
+    report_image_checkpoint(net, batches, args, args.aggregate or cfg["aggregate"], data,
                                      lambda x: normalize(x.to(device), cfg["dataset"]))
+
+
+def check_corruption_flags(args):
+    """--corruptions names known corruptions; --corruptions-dir is a CIFAR-100-C folder; not both."""
+    names = corruption_names(args.corruptions)
+    if any(n not in CORRUPTIONS for n in names):
+        raise ValueError(f"--corruptions: unknown corruption in {args.corruptions!r}; choose from "
+                         f"{', '.join(CORRUPTIONS)}")
+    if args.corruptions_dir:
+        if args.corruptions:
+            raise ValueError("--corruptions (generated) and --corruptions-dir (the published files): give one")
+        corruption_files(args.corruptions_dir)
 
 
 def input_shape(dataset):
@@ -503,8 +516,6 @@ def parse_args(argv=None):
     training.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,
                     help="seed of init, masks, data order and augmentation, in [0, 2^32)")
     neurotrails.add_run_arguments(run, "runs/<dataset>-<model>-<method>-M<M>-S<S>-E<E>-<budget>-e<epochs>-...-seed<seed>")
-    neurotrails.add_sweep_arguments(run)
-    neurotrails.add_config_argument(run)
     run.add_argument("--eval-every", type=int_in(1), default=1,
                     help="epochs between test evaluations (the last epoch is always evaluated; default: 1)")
     data.add_argument("--workers", type=int_in(0, 256), default=0, help="DataLoader workers for ImageFolder datasets")
@@ -514,35 +525,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    if argv is None:
-        argv = sys.argv[1:]
-    if argv[:1] == ["--eval-only"]:
-        return eval_only(argv[1:])
-    ap, args = parse_args(argv)
-    try:
-        if args.sweep or args.seeds is not None:  # every point in this process: main(<point's flags>)
-            return neurotrails.run_sweep(main, argv, args, lambda a: resolve_config(parse_args(a)[1]))
-    except ValueError as e:
-        ap.fail(e)
-    neurotrails.init_distributed()
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    try:
-        methods = neurotrails.methods_to_run(args, METHODS)
-        if args.compare:  # one run per method, each in OUT/<method> (or its default folder), one table
-            rows = {}
-            for m in methods:
-                cfg = resolve_config(argparse.Namespace(**{**vars(args), "method": m, "out": None if args.out is None
-                                                           else f"{args.out}/{m}"}))
-                print(f"\n== {m}", flush=True)
-                rows[m] = run(cfg, overwrite=args.overwrite)
-            if rank == 0:  # with --out, also OUT/compare.md and OUT/compare.csv
-                evaluate.print_comparison(rows, TABLE, args.out)
-        else:
-            record = run(resolve_config(args), args.resume, args.overwrite)
-            if rank == 0:
-                evaluate.print_comparison({args.method: record}, TABLE)
-    except (ValueError, OSError, FloatingPointError) as e:
-        ap.fail(e)
+    """--eval-only, a sweep, --method or --compare (then one table; with --compare --out, also
+    OUT/compare.md and OUT/compare.csv)."""
+    neurotrails.run_command(main, sys.argv[1:] if argv is None else argv, parse_args, resolve_config, run, METHODS,
+                            lambda rows, out: evaluate.print_comparison(rows, TABLE, out), eval_only)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -675,6 +661,317 @@ def test_batches(data, batch_size, dataset, device, workers=0):
 
 def num_train(data):
     return len(data["y"]) if isinstance(data, dict) else len(data)
+
+
+# ----------------------------------------------------------------------------------------------
+# Corrupted test sets (Sec. 4.1, Fig. 2; Hendrycks & Dietterich 2019, CIFAR-10/100-C)
+#
+# --corruptions-dir evaluates on the published CIFAR-100-C files (all 19 corruptions x 5 severities:
+# the numbers papers quote), corruption_table_from_files(). Offline, --corruptions generates 14 of
+# the 19 on the fly with the parameters of the benchmark's generation code: the noise family
+# (gaussian, shot, impulse, speckle), defocus, glass, zoom and gaussian blur, fog, brightness,
+# contrast, saturate (colour images only), pixelate and JPEG. Left out: frost (needs the benchmark's
+# frost photographs), motion blur and snow (ImageMagick's motion-blur kernel), spatter (OpenCV's
+# Canny edges and distance transform) and elastic (OpenCV's affine warp): no short exact version
+# with the project's packages. Random draws come from torch's generator, so a generated set has the
+# benchmark's distribution, not its pixels; numbers from it are not comparable to a CIFAR-100-C mean
+# from the published files.
+
+# Severity 1..5 parameters of the CIFAR-10/100-C generation code (Hendrycks & Dietterich 2019,
+# make_cifar_c.py of their robustness repository); the algorithms below are written from its description.
+CORRUPTIONS = {
+    "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),   # std of additive noise
+    "shot_noise": (500, 250, 100, 75, 50),              # Poisson rate scale
+    "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),    # salt-and-pepper fraction
+    "defocus_blur": ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)),  # disk radius, its anti-alias sigma
+    "glass_blur": ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)),  # sigma, max shift, passes
+    "zoom_blur": (1.06, 1.11, 1.16, 1.21, 1.26),       # zooms numpy.arange(1, this, 0.01), averaged
+    "fog": ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)),  # fog strength, plasma wibble decay
+    "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),          # HSV value shift
+    "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),            # contrast factor
+    "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),          # down-sampling factor
+    "jpeg_compression": (80, 65, 58, 50, 40),           # JPEG quality
+    "speckle_noise": (0.06, 0.1, 0.12, 0.16, 0.2),      # std of multiplicative noise
+    "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),         # blur sigma in pixels
+    "saturate": ((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)),  # HSV saturation x a + b (severities
+}                                                       # 1-2 desaturate, 3-5 saturate: not monotone)
+COLOUR_ONLY = ("saturate",)  # a one-channel image has no saturation to change
+
+
+def _gaussian(x, sigma, truncate=4.0):
+    """Gaussian blur of (N, C, H, W) per channel as scipy / skimage do it: radius int(4 sigma + 0.5),
+    edge pixels repeated ('nearest')."""
+    radius = int(truncate * sigma + 0.5)
+    if radius == 0:
+        return x
+    i = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (i / sigma) ** 2)
+    k = k / k.sum()
+    n, c, h, w = x.shape
+    y = x.reshape(n * c, 1, h, w)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
+    return y.reshape(n, c, h, w)
+
+
+def _disk(radius, alias_sigma):
+    """The defocus kernel: a 17 x 17 disk of the radius (normalised), anti-aliased by a 3 x 3
+    Gaussian of alias_sigma (OpenCV's GaussianBlur with the kernel's edge reflected)."""
+    r = torch.arange(-8, 9, dtype=torch.float64)
+    disk = ((r[:, None] ** 2 + r[None, :] ** 2) <= radius ** 2).double()
+    disk = disk / disk.sum()
+    g = torch.exp(-torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64) / (2 * alias_sigma ** 2))
+    g = (g / g.sum())[:, None] * (g / g.sum())[None, :]
+    return F.conv2d(F.pad(disk[None, None], (1, 1, 1, 1), mode="reflect"), g[None, None])[0, 0]
+
+
+def _plasma(n, size, decay, generator):
+    """n diamond-square height maps of side size (the next power of two, cropped), in [0, 1]."""
+    m = 1 << (size - 1).bit_length()
+    a = torch.zeros(n, m, m, dtype=torch.float64)
+    step, wibble = m, 100.0
+
+    def wibbled_mean(total):  # mean of 4 neighbours + uniform noise of amplitude wibble^2
+        return total / 4 + wibble * (2 * torch.rand(total.shape, generator=generator, dtype=torch.float64) - 1) * wibble
+
+    while step >= 2:
+        half = step // 2
+        corners = a[:, ::step, ::step]
+        squares = corners + corners.roll(-1, 1)
+        a[:, half::step, half::step] = wibbled_mean(squares + squares.roll(-1, 2))
+        centres, corners = a[:, half::step, half::step], a[:, ::step, ::step]
+        a[:, ::step, half::step] = wibbled_mean(centres + centres.roll(1, 1) + corners + corners.roll(-1, 2))
+        a[:, half::step, ::step] = wibbled_mean(centres + centres.roll(1, 2) + corners + corners.roll(-1, 1))
+        step, wibble = half, wibble / decay
+    a = a - a.amin((1, 2), keepdim=True)
+    return (a / a.amax((1, 2), keepdim=True))[:, :size, :size]
+
+
+def _clipped_zoom(x, zoom):
+    """Zoom into the centre of (N, C, H, H) by zoom (bilinear, corners aligned as scipy.ndimage.zoom's
+    order 1) and crop back to H x H."""
+    h = x.shape[-1]
+    ch = math.ceil(h / zoom)
+    top = (h - ch) // 2
+    out = F.interpolate(x[..., top:top + ch, top:top + ch], size=(round(ch * zoom),) * 2, mode="bilinear",
+                        align_corners=True)
+    trim = (out.shape[-1] - h) // 2
+    return out[..., trim:trim + h, trim:trim + h]
+
+
+def _glass_shuffle(x, shift, passes, generator):
+    """CIFAR-C's local pixel shuffle: visit pixels from the bottom-right corner inwards and swap each
+    with a neighbour at an offset drawn from [-shift, shift) in each axis, per image."""
+    n, _, h, w = x.shape
+    rows = torch.arange(n)
+    for _ in range(passes):
+        for i in range(h - shift, shift, -1):
+            for j in range(w - shift, shift, -1):
+                d = torch.randint(-shift, shift, (n, 2), generator=generator)
+                i2, j2 = i + d[:, 1], j + d[:, 0]
+                here, there = x[rows, :, i, j].clone(), x[rows, :, i2, j2].clone()
+                x[rows, :, i, j], x[rows, :, i2, j2] = there, here
+    return x
+
+
+def corrupt(images, name, severity, generator):
+    """Corrupt a uint8 batch (N, C, H, W) at severity 1..5; returns uint8. Same seed, same result."""
+    from torchvision.io import decode_jpeg, encode_jpeg
+    c = CORRUPTIONS[name][severity - 1]
+    if name in COLOUR_ONLY and images.shape[1] != 3:
+        raise ValueError(f"{name} changes colour; these images have {images.shape[1]} channel(s)")
+    if name == "jpeg_compression":
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its JPEG codec for torchcodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.stack([decode_jpeg(encode_jpeg(img, quality=c)) for img in images])
+    x = images.float() / 255
+    if name == "gaussian_noise":
+        x = x + c * torch.randn(x.shape, generator=generator)
+    elif name == "shot_noise":
+        x = torch.poisson(x * c, generator=generator) / c
+    elif name == "impulse_noise":
+        u = torch.rand(x.shape, generator=generator)
+        x = torch.where(u < c / 2, 0.0, torch.where(u > 1 - c / 2, 1.0, x))
+    elif name == "speckle_noise":
+        x = x + x * c * torch.randn(x.shape, generator=generator)
+    elif name == "gaussian_blur":
+        x = _gaussian(x, c)
+    elif name == "defocus_blur":  # each channel filtered with the disk, edges reflected (OpenCV's default)
+        k = _disk(*c).to(x.dtype)
+        n, ch, h, w = x.shape
+        x = F.conv2d(F.pad(x.reshape(n * ch, 1, h, w), (8, 8, 8, 8), mode="reflect"), k[None, None])
+        x = x.reshape(n, ch, h, w)
+    elif name == "glass_blur":  # blur, quantise to uint8 by truncation (as the benchmark does), shuffle, blur
+        sigma, shift, passes = c
+        x = _glass_shuffle(torch.floor(_gaussian(x.double(), sigma) * 255), shift, passes, generator)
+        x = _gaussian(x / 255, sigma)
+    elif name == "zoom_blur":
+        import numpy as np  # numpy's arange, so the zoom factors are the benchmark's to the last bit
+        zooms = np.arange(1, c, 0.01)
+        x = (x + sum(_clipped_zoom(x, float(z)) for z in zooms)) / (len(zooms) + 1)
+    elif name == "fog":  # a plasma fractal per image added, then rescaled by the image's maximum
+        strength, decay = c
+        peak = x.amax((1, 2, 3), keepdim=True)
+        x = x + strength * _plasma(len(x), max(x.shape[-2:]), decay, generator)[:, None, :x.shape[2], :x.shape[3]]
+        x = x * peak / (peak + strength)
+    elif name == "contrast":
+        means = x.mean((2, 3), keepdim=True)
+        x = (x - means) * c + means
+    elif name == "brightness":  # HSV: V' = min(V + c, 1) with hue and saturation kept
+        # V = max over channels. V > 0: RGB x V'/V keeps H and S. V = 0 (black): S = 0, so the
+        # pixel becomes grey (V', V', V'); on a one-channel image this is x + c everywhere.
+        v = x.max(1, keepdim=True).values
+        lifted = (v + c).clamp(max=1)
+        x = torch.where(v > 0, x * lifted / v.clamp(min=1e-12), lifted.expand_as(x))
+    elif name == "saturate":  # HSV: S' = clip(a S + b, 0, 1) with hue and value kept
+        # Every channel is V - V S k(H) with k in [0, 1], so x' = V - (V - x) S'/S. Grey pixels
+        # (S = 0) have hue 0 (red), as skimage and colorsys convert them: R = V, G = B = V (1 - S').
+        v, low = x.max(1, keepdim=True).values, x.min(1, keepdim=True).values
+        delta = v - low
+        s = torch.where(v > 0, delta / v.clamp(min=1e-12), 0.0)
+        s2 = (s * c[0] + c[1]).clamp(0, 1)
+        grey = torch.cat([v, v * (1 - s2), v * (1 - s2)], 1)
+        x = torch.where(delta > 0, v - (v - x) * v * s2 / delta.clamp(min=1e-12), grey)
+    elif name == "pixelate":
+        h, w = x.shape[-2:]
+        small = F.interpolate(x, size=(int(h * c), int(w * c)), mode="area")
+        x = F.interpolate(small, size=(h, w), mode="nearest")
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def corruption_table(net, test_data, normalize, names, aggregate="probs", batch_size=256, seed=0):
+    """Accuracy, NLL and ECE of the soft vote per corruption and severity (Sec. 4.1, Fig. 2)."""
+    from tqdm import tqdm
+    out = {}
+    grid = [(n, s) for n in names for s in range(1, 6)]
+    for name, severity in tqdm(grid, desc="corruptions", leave=False, disable=not sys.stderr.isatty()):
+        g = torch.Generator().manual_seed(seed)
+        x = test_data["x"]
+        batches = ((normalize(corrupt(x[i:i + batch_size], name, severity, g)), test_data["y"][i:i + batch_size])
+                   for i in range(0, len(x), batch_size))
+        m = evaluate.summarize(*evaluate.predict(net, batches), aggregate)
+        out[name, severity] = {k: m[k] for k in ("acc", "nll", "ece")}
+    return out
+
+
+# The 19 corruptions of the published CIFAR-10/100-C files (Hendrycks & Dietterich 2019): the 15
+# of the benchmark's mean, then the 4 extra ones. Each NAME.npy holds the test set 5 times
+# (severity 1 to 5, in that order) as uint8 (5 N, H, W, C); labels.npy holds the labels (5 N).
+CIFAR_C = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+           "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+           "jpeg_compression", "speckle_noise", "gaussian_blur", "spatter", "saturate")
+
+
+def corruption_files(folder, shape=None, num_classes=None):
+    """The corruption names of a CIFAR-100-C style folder (NAME.npy beside labels.npy), checked
+    before any evaluation: readable arrays (never pickles), uint8 pixels, 5 severities of the same
+    test set, integer labels; given the model's input shape (C, H, W) and classes, those too."""
+    import numpy as np
+    folder = Path(folder)
+    flag = f"--corruptions-dir {folder}"
+    if not (folder / "labels.npy").is_file():
+        raise ValueError(f"{flag}: no labels.npy (expected the CIFAR-100-C layout: NAME.npy per corruption and "
+                         "labels.npy)")
+    names = [n for n in CIFAR_C if (folder / f"{n}.npy").is_file()]
+    names += sorted(p.stem for p in folder.glob("*.npy") if p.stem not in CIFAR_C and p.stem != "labels")
+    if not names:
+        raise ValueError(f"{flag}: no corruption .npy files beside labels.npy")
+
+    def array(name):
+        try:  # allow_pickle=False: a pickled .npy could run code
+            return np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+        except Exception as e:
+            raise ValueError(f"{flag}: {name}.npy is not a plain numpy array (not a .npy file, or pickled objects, "
+                             f"which are never loaded; {type(e).__name__})") from None
+    labels = array("labels")
+    n = len(labels) if labels.ndim == 1 else -1
+    if n <= 0 or n % 5 or labels.dtype.kind not in "iu":
+        raise ValueError(f"{flag}: labels.npy must hold integer labels, 5 severities x the test set (got "
+                         f"{labels.dtype} {labels.shape})")
+    if num_classes is not None and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
+        raise ValueError(f"{flag}: labels.npy has labels outside [0, {num_classes}) for a {num_classes}-class model")
+    for name in names:
+        x = array(name)
+        if x.shape[:1] != (n,) or x.ndim not in (3, 4):
+            raise ValueError(f"{flag}: {name}.npy has shape {x.shape}, expected ({n}, H, W[, C]) with {n} = 5 "
+                             "severities x the test set")
+        if x.dtype != np.uint8:
+            raise ValueError(f"{flag}: {name}.npy holds {x.dtype}, expected uint8 pixels 0-255 as published")
+        image = (1, *x.shape[1:]) if x.ndim == 3 else (x.shape[3], *x.shape[1:3])
+        if shape is not None and tuple(image) != tuple(shape):
+            raise ValueError(f"{flag}: {name}.npy holds {image[0]} x {image[1]} x {image[2]} images (C x H x W); "
+                             f"the model takes {shape[0]} x {shape[1]} x {shape[2]}")
+    return names
+
+
+def corruption_table_from_files(net, folder, normalize, aggregate="probs", batch_size=256):
+    """Accuracy, NLL and ECE of the soft vote on the published corrupted test sets, per corruption
+    and severity: the numbers papers quote as CIFAR-100-C."""
+    import numpy as np
+    folder, out = Path(folder), {}
+    labels = torch.from_numpy(np.load(folder / "labels.npy").astype(np.int64))
+    per = len(labels) // 5
+    for name in corruption_files(folder):
+        data = np.load(folder / f"{name}.npy", mmap_mode="r")
+        for severity in range(1, 6):
+            lo = (severity - 1) * per
+            x = torch.from_numpy(np.array(data[lo:lo + per]))  # a copy: the memory map is read-only
+            x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
+            y = labels[lo:lo + per]
+            batches = ((normalize(x[i:i + batch_size]), y[i:i + batch_size]) for i in range(0, per, batch_size))
+            m = evaluate.summarize(*evaluate.predict(net, batches), aggregate)
+            out[name, severity] = {k: m[k] for k in ("acc", "nll", "ece")}
+    return out
+
+
+def corruption_names(spec, channels=3):
+    """The corruptions a --corruptions value asks for; 'all' leaves out the colour-only ones on
+    one-channel images, naming one of them there is an error."""
+    if not spec:
+        return []
+    if spec == "all":
+        return [n for n in CORRUPTIONS if channels == 3 or n not in COLOUR_ONLY]
+    names = spec.split(",")
+    if channels != 3 and any(n in COLOUR_ONLY for n in names):
+        raise ValueError(f"--corruptions: {', '.join(n for n in names if n in COLOUR_ONLY)} changes colour; "
+                         f"these images have {channels} channel(s)")
+    return names
+
+
+def report_image_checkpoint(net, batches, args, aggregate, test_data=None, normalize=None):
+    """Metrics of a vision checkpoint on its test batches (what `train_vision.py --eval-only` prints),
+    plus the corruption table (test_data: the uint8 test set, normalize: its normalisation) and
+    the reliability diagram when asked for."""
+    logits, labels = evaluate.predict(net, batches)
+    result = {**evaluate.summarize(logits, labels, aggregate), **evaluate.parameter_counts(net)}
+    names = corruption_names(args.corruptions, test_data["x"].shape[1] if isinstance(test_data, dict) else 3)
+    if args.corruptions_dir:  # the published files: every corruption they hold
+        table = corruption_table_from_files(net, args.corruptions_dir, normalize, aggregate, args.batch_size)
+        names = list(dict.fromkeys(n for n, _ in table))
+    elif names:
+        table = corruption_table(net, test_data, normalize, names, aggregate, args.batch_size)
+    if names:
+        result["corruptions"] = {f"{n}/{s}": v for (n, s), v in table.items()}
+        result["corruption_acc_by_severity"] = [sum(table[n, s]["acc"] for n in names) / len(names)
+                                                for s in range(1, 6)]
+    if args.plot:
+        evaluate.plot_reliability(neurotrails.soft_vote(logits, aggregate), labels, args.plot,
+                         Path(args.checkpoint).resolve().parent.name)
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)  # stdout stays one JSON object
+    if args.json:
+        print(json.dumps(result))
+        return
+    corruptions = result.pop("corruptions", None)
+    by_severity = result.pop("corruption_acc_by_severity", None)
+    print(" | ".join(f"{k} {evaluate.rounded(v)}" for k, v in result.items()))
+    if corruptions:
+        print(f"\n{'corruption':<18}" + "".join(f"{'sev ' + str(s):>9}" for s in range(1, 6)) + "   (accuracy %)")
+        for n in names:
+            print(f"{n:<18}" + "".join(f"{100 * corruptions[f'{n}/{s}']['acc']:>9.2f}" for s in range(1, 6)))
+        print(f"{'mean':<18}" + "".join(f"{100 * a:>9.2f}" for a in by_severity))
+        for metric in ("nll", "ece"):  # calibration under shift, mean over the corruptions
+            print(f"{'mean ' + metric.upper():<18}" + "".join(
+                f"{sum(corruptions[f'{n}/{s}'][metric] for n in names) / len(names):>9.3f}" for s in range(1, 6)))
 
 
 if __name__ == "__main__":

@@ -176,7 +176,7 @@ CASES = [
     (L, ["--out", "{lmrun}"], "already holds a run"),
     (L, ["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     # evaluate.py
-    (E, [], "give --history LOG"),
+    (E, [], "choose a command: history, flops, report or lm-eval"),
     (E, ["--checkpoint", "{vckpt}", "--json"], "python train_vision.py --eval-only --checkpoint {vckpt} --json"),
     (E, ["--checkpoint", "{lmckpt}"], "python train_lm.py --eval-only --checkpoint {lmckpt}"),
     (VE, ["--checkpoint", "{out}/nope.pt"], "--checkpoint {out}/nope.pt: no such checkpoint"),
@@ -193,9 +193,9 @@ CASES = [
     (LE, ["--checkpoint", "{lmckpt}", "--heads-grid", "{emptydir}/g.png"], "--heads-grid is for image checkpoints"),
     (VE, ["--checkpoint", "{vckpt}", "--plot", "{out}/no/such/dir/rel.png"], "--plot"),
     (VE, ["--checkpoint", "{vckpt}", "--plot", "{emptydir}"], "--plot {emptydir}: name a figure file ending in .png"),
-    (E, ["--history", "{out}/nope.jsonl"], "--history {out}/nope.jsonl: no such log file"),
-    (E, ["--history", "{vlog}", "{lmlog}"], "either vision logs or language-model logs, not both"),
-    (E, ["--history", "{file}"], "--history"),
+    (E, ["history", "{out}/nope.jsonl"], "{out}/nope.jsonl: no such log file"),
+    (E, ["history", "{vlog}", "{lmlog}"], "either vision logs or language-model logs, not both"),
+    (E, ["history", "{file}"], "{file}"),
     (E, ["report", "--out", "{out}/r"], "give run folders, --rows files and/or --bench files"),
     (E, ["report", "--rows", "{junk}", "--out", "{out}/r"], "--rows {junk}: not a results.csv"),
     (E, ["report", "--rows", "{vlog}", "--out", "{out}/r"], "--rows {vlog}: not a results.csv"),
@@ -204,7 +204,7 @@ CASES = [
     (E, ["report", "--bench", "{junk}", "--out", "{out}/r"], "not an export_bench.py --json file"),
     (E, ["report", "--bench", "{vlog}", "--out", "{out}/r"], "not an export_bench.py --json file"),
     (E, ["report", "{emptydir}", "--out", "{file}"], "is a file, not a folder"),
-    (E, ["--history", "{vlog}", "--history-plot", "{out}/no/such/dir/h.png"], "--history-plot"),
+    (E, ["history", "{vlog}", "--plot", "{out}/no/such/dir/h.png"], "--plot"),
     (VE, ["--checkpoint", "{vckpt}", "--corruptions", "frost"], "--corruptions: unknown corruption in 'frost'"),
     (VE, ["--checkpoint", "{vckpt}", "--corruptions", "fog,saturate"],
      "--corruptions: saturate changes colour; these images have 1 channel(s)"),
@@ -311,7 +311,8 @@ def invoke(cli, argv, monkeypatch):
     if cli in (VE, LE):
         return (train_vision if cli == VE else train_lm).main(["--eval-only", *argv])
     main = {"train_vision": train_vision.main, "train_lm": train_lm.main, "export_bench": export_bench.main,
-            "evaluate flops": evaluate.flops_main, "evaluate lm-eval": evaluate.lm_eval_main}[cli]
+            "evaluate flops": lambda a: evaluate.main(["flops", *a]),
+            "evaluate lm-eval": lambda a: evaluate.main(["lm-eval", *a])}[cli]
     return main(argv)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import evaluate
+import export_bench
 import models
 import train_lm
 from test_train_lm import tiny, write_corpus
@@ -125,13 +126,13 @@ def write_tiny_task(folder):
 
 
 def test_the_lm_eval_command_scores_an_exported_head_from_the_repository_root(checkpoint, tmp_path):
-    """The README's path: export-hf, then the harness' own `lm_eval --model hf` on one head, run
+    """The README's path: `export_bench.py hf`, then the harness' own `lm_eval --model hf` on one head, run
     from the repository root (where this project's evaluate.py must not stand in for HF's)."""
     import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    evaluate.export_hf_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf")])
+    export_bench.main(["hf", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf")])
     write_tiny_task(tmp_path)
     lm_eval = Path(sys.executable).parent / "lm_eval"
     done = subprocess.run([str(lm_eval), "--model", "hf", "--model_args", f"pretrained={tmp_path / 'hf' / 'head1'}",
@@ -173,8 +174,8 @@ def test_a_checkpoint_without_a_tokenizer_is_refused_in_one_line_by_every_reader
     neurotrails.save_checkpoint(tmp_path / "last.pt", "train_lm.py", state)
     bad = str(tmp_path / "last.pt")
     for run in (lambda: train_lm.main(["--eval-only", "--checkpoint", bad]),
-                lambda: evaluate.export_hf_main(["--checkpoint", bad, "--out", str(tmp_path / "hf")]),
-                lambda: evaluate.lm_eval_main(["--checkpoint", bad, "--tasks", "tiny_mc", "--device", "cpu"])):
+                lambda: export_bench.main(["hf", "--checkpoint", bad, "--out", str(tmp_path / "hf")]),
+                lambda: evaluate.main(["lm-eval", "--checkpoint", bad, "--tasks", "tiny_mc", "--device", "cpu"])):
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_:
             run()

@@ -348,13 +348,19 @@ def test_an_interrupted_point_stops_the_sweep(tmp_path):
 
 
 def test_a_point_another_process_is_running_is_left_to_it(tmp_path, capsys):
-    import fcntl
     calls = []
     (tmp_path / "epochs=2_seed=0").mkdir()
-    with open(tmp_path / "epochs=2_seed=0" / ".lock", "w") as held:  # as a running training process holds it
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    # another process holds the point's .lock, as a running training process does
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'w'); "
+                               "fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+                               str(tmp_path / "epochs=2_seed=0" / ".lock")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
         args = sweep_args(tmp_path, "epochs=1,2,3")
         neurotrails.run_sweep(calls.append, ["--out", str(tmp_path)], args, lambda a: {})
+    finally:
+        holder.communicate("")  # the process ends, and with it its lock
     assert [c[-1] for c in calls] == [str(tmp_path / "epochs=1_seed=0"), str(tmp_path / "epochs=3_seed=0")]
     out = capsys.readouterr().out
     assert "[2/3] epochs=2_seed=0: in use by another process, left to it" in out

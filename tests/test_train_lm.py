@@ -261,7 +261,7 @@ def test_export_hf_writes_each_head_as_a_plain_transformers_llama(method, tmp_pa
     corpus = write_corpus(tmp_path / "corpus")
     train_lm.main(tiny(corpus, tmp_path / "run", "--method", method, "--updates", "2", "--delta-t", "1",
                        "--num-heads", "2"))
-    done = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "export-hf", "--checkpoint",
+    done = subprocess.run([sys.executable, str(ROOT / "export_bench.py"), "hf", "--checkpoint",
                            str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "hf")],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
@@ -280,7 +280,7 @@ def test_export_hf_writes_each_head_as_a_plain_transformers_llama(method, tmp_pa
         if method == "neurotrails":  # the sparse weights travel as exact zeros
             zeros = sum(int((p == 0).sum()) for n, p in hf.named_parameters() if p.dim() == 2)
             assert zeros > 0.05 * sum(p.numel() for n, p in hf.named_parameters() if p.dim() == 2)
-    again = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "export-hf", "--checkpoint",
+    again = subprocess.run([sys.executable, str(ROOT / "export_bench.py"), "hf", "--checkpoint",
                             str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "hf")],
                            capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert again.returncode == 1 and "already holds head folders" in again.stderr

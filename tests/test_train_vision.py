@@ -233,8 +233,8 @@ def test_evaluate_checkpoint_reproduces_the_logged_metrics_and_plots(data_dir, t
                           str(tmp_path / "grid.png"), "--grid-with", str(tmp_path / "last.pt")],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    history = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--history", str(tmp_path / "log.jsonl"),
-                              "--history-plot", str(tmp_path / "hist.png")], capture_output=True, text=True,
+    history = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "history", str(tmp_path / "log.jsonl"),
+                              "--plot", str(tmp_path / "hist.png")], capture_output=True, text=True,
                              timeout=300, cwd=ROOT)
     assert history.returncode == 0, history.stderr
     got = json.loads(out.stdout.splitlines()[-1])
@@ -297,22 +297,22 @@ def test_corruptions_dir_reads_the_published_layout_and_matches_the_generated_ta
     folder, names = tmp_path / "FashionMNIST-C", ["contrast", "gaussian_noise"]
     folder.mkdir()
     for name in names:  # the CIFAR-100-C layout: (5 N, H, W[, C]) uint8, severity 1 to 5 stacked
-        stacked = torch.cat([evaluate.corrupt(test["x"], name, s, torch.Generator().manual_seed(0)) for s in range(1, 6)])
+        stacked = torch.cat([train_vision.corrupt(test["x"], name, s, torch.Generator().manual_seed(0)) for s in range(1, 6)])
         np.save(folder / f"{name}.npy", stacked[:, 0].numpy())
     np.save(folder / "labels.npy", test["y"].repeat(5).numpy())
     torch.manual_seed(0)
     net = neurotrails.build("wrn10-1", 2, 2, num_classes=10, in_channels=1).eval()
     norm = lambda x: train_vision.normalize(x, "fashion-mnist")
-    assert evaluate.corruption_files(folder) == names[::-1]  # in the benchmark's order
-    files = evaluate.corruption_table_from_files(net, folder, norm, batch_size=16)
-    generated = evaluate.corruption_table(net, test, norm, names[::-1], batch_size=16, seed=0)
+    assert train_vision.corruption_files(folder) == names[::-1]  # in the benchmark's order
+    files = train_vision.corruption_table_from_files(net, folder, norm, batch_size=16)
+    generated = train_vision.corruption_table(net, test, norm, names[::-1], batch_size=16, seed=0)
     assert files.keys() == generated.keys()
     for key in files:
         for metric in ("acc", "nll", "ece"):
             assert files[key][metric] == pytest.approx(generated[key][metric], abs=1e-6), (key, metric)
     np.save(folder / "fog.npy", np.zeros((7, 28, 28), np.uint8))  # not 5 x the test set
     with pytest.raises(ValueError, match="fog.npy has shape"):
-        evaluate.corruption_files(folder)
+        train_vision.corruption_files(folder)
 
 
 @pytest.mark.parametrize("case,message", [
@@ -358,3 +358,110 @@ def test_figure_paths_are_checked_before_the_evaluation(checkpoint, tmp_path, ca
             train_vision.main(["--eval-only", "--checkpoint", str(checkpoint), flag,
                                str(tmp_path / path) if not path.startswith("/") else path])
         assert message in capsys.readouterr().err
+
+
+# Corrupted test sets (Sec. 4.1, Fig. 2): the generator against the benchmark's definitions
+
+def _images():
+    """Textured 32 x 32 images: uniform noise, mildly smoothed, in the middle of the value range."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 32, 32, generator=g)
+    x = torch.nn.functional.avg_pool2d(x, 3, 1, 1)
+    return (40 + 170 * x).round().to(torch.uint8)
+
+
+@pytest.mark.parametrize("name", list(train_vision.CORRUPTIONS))
+def test_corruptions_keep_shape_grow_with_severity_and_are_seeded(name):
+    x = _images()
+    diffs = []
+    for severity in range(1, 6):
+        out = train_vision.corrupt(x, name, severity, torch.Generator().manual_seed(3))
+        assert out.shape == x.shape and out.dtype == torch.uint8
+        again = train_vision.corrupt(x, name, severity, torch.Generator().manual_seed(3))
+        assert torch.equal(out, again)
+        diffs.append((out.float() - x.float()).abs().mean().item())
+    assert diffs[0] > 0
+    # Not monotone in pixel change, as in CIFAR-C: pixelate (block sizes like 32/24 alias, as PIL's
+    # box resize does), glass blur (shuffling saturates on textured images; severity 4 has less blur
+    # than 3 but two passes), saturate (severities 1-2 desaturate, 3-5 saturate).
+    if name not in ("pixelate", "glass_blur", "saturate"):
+        assert all(b >= a * 0.97 for a, b in zip(diffs, diffs[1:])), diffs  # stronger with severity
+    assert diffs[-1] > diffs[0]
+    if name not in train_vision.COLOUR_ONLY:  # and on one-channel (Fashion-MNIST) images
+        grey = x[:, :1, :28, :28]
+        assert train_vision.corrupt(grey, name, 3, torch.Generator()).shape == grey.shape
+
+
+def test_saturate_is_hsv_saturation_times_a_plus_b_and_refuses_grey_images():
+    import colorsys
+    pixels = [(0, 0, 0), (200, 100, 50), (10, 10, 10), (255, 0, 128), (30, 60, 90), (120, 121, 119)]
+    x = torch.tensor(pixels, dtype=torch.uint8).T.reshape(1, 3, 1, len(pixels))
+    for severity, (a, b) in enumerate(train_vision.CORRUPTIONS["saturate"], 1):
+        out = train_vision.corrupt(x, "saturate", severity, torch.Generator())
+        for i, p in enumerate(pixels):
+            h, s, v = colorsys.rgb_to_hsv(*(q / 255 for q in p))
+            want = [round(255 * q) for q in colorsys.hsv_to_rgb(h, min(max(s * a + b, 0.0), 1.0), v)]
+            assert out[0, :, 0, i].tolist() == pytest.approx(want, abs=1), (severity, p)
+    with pytest.raises(ValueError, match="changes colour"):
+        train_vision.corrupt(x[:, :1], "saturate", 1, torch.Generator())
+
+
+def test_blurs_and_zoom_match_scipy_ndimage():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    import numpy as np
+    x = _images()[:4].double() / 255
+    for sigma in (0.05, 0.4, 1.0):  # skimage.filters.gaussian = ndimage.gaussian_filter, truncate 4, 'nearest'
+        want = ndimage.gaussian_filter(x.numpy(), sigma=(0, 0, sigma, sigma), mode="nearest", truncate=4.0)
+        assert np.abs(train_vision._gaussian(x, sigma).numpy() - want).max() < 1e-12
+    for radius, alias in train_vision.CORRUPTIONS["defocus_blur"]:  # OpenCV's filter2D: edges reflected (101)
+        k = train_vision._disk(radius, alias)
+        assert k.shape == (17, 17) and abs(k.sum().item() - 1) < 1e-12 \
+            and (k - k.T).abs().max() < 1e-15  # symmetric up to the conv's float64 summation order
+        r = np.arange(-8, 9)
+        disk = ((r[:, None] ** 2 + r[None, :] ** 2) <= radius ** 2).astype(float)
+        g = np.exp(-np.array([1.0, 0.0, 1.0]) / (2 * alias ** 2))
+        want_k = ndimage.correlate(disk / disk.sum(), np.outer(g, g) / g.sum() ** 2, mode="mirror")
+        assert np.abs(k.numpy() - want_k).max() < 1e-12
+        want = np.stack([[ndimage.correlate(ch, want_k, mode="mirror") for ch in img] for img in x.numpy()])
+        got = train_vision.corrupt(_images()[:4], "defocus_blur", train_vision.CORRUPTIONS["defocus_blur"].index(
+            (radius, alias)) + 1, torch.Generator())
+        assert (got.double() - torch.from_numpy(np.clip(want, 0, 1) * 255).round()).abs().max() <= 1
+    for zoom in (1.0, 1.06, 1.13, 1.26):  # scipy's order-1 zoom of the centre crop, trimmed to 32 x 32
+        ch = int(np.ceil(32 / zoom))
+        top = (32 - ch) // 2
+        z = ndimage.zoom(x.numpy()[..., top:top + ch, top:top + ch], (1, 1, zoom, zoom), order=1)
+        trim = (z.shape[-1] - 32) // 2
+        want = z[..., trim:trim + 32, trim:trim + 32]
+        assert np.abs(train_vision._clipped_zoom(x, zoom).numpy() - want).max() < 1e-9, zoom
+
+
+def test_glass_blur_shuffle_only_moves_pixels_and_plasma_is_a_smooth_unit_map():
+    x = _images()[:3].double()
+    out = train_vision._glass_shuffle(x.clone(), 1, 2, torch.Generator().manual_seed(0))
+    assert not torch.equal(out, x)
+    for a, b in zip(out, x):  # a permutation of each image's pixels (all channels move together)
+        assert sorted(a.flatten(1).T.tolist()) == sorted(b.flatten(1).T.tolist())
+    assert torch.equal(out[:, :, 0], x[:, :, 0]) and torch.equal(out[:, :, :, 0], x[:, :, :, 0])  # edges stay
+    maps = train_vision._plasma(4, 28, 3, torch.Generator().manual_seed(0))
+    assert maps.shape == (4, 28, 28) and maps.min() >= 0 and maps.max() <= 1
+    full = train_vision._plasma(4, 32, 3, torch.Generator().manual_seed(0))
+    assert torch.allclose(full.amin((1, 2)), torch.zeros(4, dtype=full.dtype))
+    assert torch.allclose(full.amax((1, 2)), torch.ones(4, dtype=full.dtype))
+    assert torch.equal(full[:, :28, :28], maps)  # the 32 x 32 map cropped: same draws
+    step = (full[:, 1:] - full[:, :-1]).abs().mean()
+    shuffled = full.flatten(1)[:, torch.randperm(32 * 32, generator=torch.Generator().manual_seed(1))].view(4, 32, 32)
+    assert step < 0.5 * (shuffled[:, 1:] - shuffled[:, :-1]).abs().mean()  # neighbours are alike: a fractal
+
+
+def test_brightness_is_hsv_value_plus_c_also_on_black_pixels():
+    import colorsys  # the standard library's HSV, an independent reference
+    c = train_vision.CORRUPTIONS["brightness"][4]
+    pixels = [(0, 0, 0), (200, 100, 50), (10, 10, 10), (255, 0, 128), (30, 60, 90)]
+    x = torch.tensor(pixels, dtype=torch.uint8).T.reshape(1, 3, 1, len(pixels))
+    out = train_vision.corrupt(x, "brightness", 5, torch.Generator())
+    for i, p in enumerate(pixels):
+        h, s, v = colorsys.rgb_to_hsv(*(q / 255 for q in p))
+        want = [round(255 * q) for q in colorsys.hsv_to_rgb(h, s, min(v + c, 1.0))]
+        assert out[0, :, 0, i].tolist() == pytest.approx(want, abs=1), p
+    black = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)  # Fashion-MNIST's background: lifted, not left at 0
+    assert (train_vision.corrupt(black, "brightness", 5, torch.Generator()) == round(255 * c)).all()
