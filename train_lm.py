@@ -120,7 +120,6 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
     autocast = bf16_autocast(cfg)
     # the whole global batch, on every process
     batches = Prefetcher(stream, members * cfg["batch_size"], cfg["data_workers"])
-    micro, per_rank = cfg["micro_batch_size"], cfg["batch_size"] // world
     # "sum": each independent member trains as if alone; "mean": L = 1/M sum_i L_i (Sec. 3)
     head_weight = 1.0 if neurotrails.METHODS[cfg["method"]].loss == "sum" else 1.0 / cfg["num_heads"]
     end = cfg["updates"] if not cfg["stop_after"] else min(cfg["updates"], start + cfg["stop_after"])
@@ -145,22 +144,9 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
         counts = (targets != -100).flatten(1).sum(1).to(device).clamp(min=1)  # target tokens per member
         ids, targets = ids[:, rank::world].to(device), targets[:, rank::world].to(device)  # this process's share
 
-        # Gradient accumulation over micro-batches: each adds its share of the update's mean loss,
-        # so the summed gradient equals that of one big batch (and the same under DDP).
         opt.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
-        for j in range(0, per_rank, micro):
-            x, y = ids[:, j:j + micro], targets[:, j:j + micro]
-            last = j + micro >= per_rank
-            with nullcontext() if last or world == 1 else forward.no_sync():  # all-reduce once, at the last
-                with autocast:
-                    logits = forward(x) if ensemble else forward(x[0])
-                    # Sec. 3: L = 1/M sum_i L_i, each L_i the mean NLL over the update's target tokens.
-                    loss = (head_nll_sums(logits, y) / counts).sum() * head_weight
-                (loss * world).backward()  # DDP averages over processes; the loss is already a global mean
-            loss_sum += loss.detach()
-        if world > 1:
-            dist.all_reduce(loss_sum)
+        loss_sum = accumulate_gradient(forward, ids, targets, counts, cfg["micro_batch_size"], head_weight, autocast,
+                                       ensemble, world)
         if not torch.isfinite(loss_sum):  # before the step: the model and the last checkpoint stay good
             raise FloatingPointError(f"loss is {loss_sum.item()} at update {update + 1}; "
                                      f"{neurotrails.last_good(good)}")
@@ -207,12 +193,7 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
             record = neurotrails.rounded(record)
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            line = (f"update {step}/{cfg['updates']} | loss {record['loss']:.4f} | lr {lr:.3g} | "
-                    f"{record['tokens_per_s']:,.0f} tok/s")
-            if evaluate_now:
-                line += f" | ppl {record['ppl']:.2f} (logits {record['ppl_logits']:.2f}; heads " + \
-                        " ".join(f"{p:.2f}" for p in record["ppl_heads"]) + ")"
-            (print if bar.disable else tqdm.write)(line)
+            (print if bar.disable else tqdm.write)(log_line(record, cfg["updates"]))
             sys.stdout.flush()
         if log_now:
             log_loss, log_tokens, log_seconds, log_updates = 0.0, 0, 0.0, 0
@@ -231,6 +212,36 @@ def train(cfg, net, masks, opt, stream, val_batches, start=0, tokens=0, save_sta
     if record is not None:
         record["run_tokens_per_s"] = run_tokens / max(run_time, 1e-9)
     return record
+
+
+def accumulate_gradient(forward, ids, targets, counts, micro, head_weight, autocast, ensemble, world):
+    """One update's gradient, accumulated over micro-batches of this process's share (M, B, T):
+    each adds its part of the update's mean loss, so the summed gradient is that of one big batch,
+    under DDP too (no_sync: one all-reduce, at the last micro-batch). Returns the update's loss."""
+    loss_sum = torch.zeros((), device=ids.device)
+    for j in range(0, ids.shape[1], micro):
+        x, y = ids[:, j:j + micro], targets[:, j:j + micro]
+        last = j + micro >= ids.shape[1]
+        with nullcontext() if last or world == 1 else forward.no_sync():
+            with autocast:
+                logits = forward(x) if ensemble else forward(x[0])
+                # Sec. 3: L = 1/M sum_i L_i, each L_i the mean NLL over the update's target tokens.
+                loss = (head_nll_sums(logits, y) / counts).sum() * head_weight
+            (loss * world).backward()  # DDP averages over processes; the loss is already a global mean
+        loss_sum += loss.detach()
+    if world > 1:
+        dist.all_reduce(loss_sum)
+    return loss_sum
+
+
+def log_line(record, updates):
+    """The printed form of a log record: loss, lr, tokens/s and, when evaluated, the perplexities."""
+    line = (f"update {record['update']}/{updates} | loss {record['loss']:.4f} | lr {record['lr']:.3g} | "
+            f"{record['tokens_per_s']:,.0f} tok/s")
+    if "ppl" in record:
+        line += (f" | ppl {record['ppl']:.2f} (logits {record['ppl_logits']:.2f}; heads "
+                 + " ".join(f"{p:.2f}" for p in record["ppl_heads"]) + ")")
+    return line
 
 
 # ----------------------------------------------------------------------------------------------
