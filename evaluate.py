@@ -694,6 +694,12 @@ def plot_vs(rows, keys, x, panels, path, title):
             stats = [mean_std([scale * r[col] for r in by_x[(v,)]]) for v in xs]
             ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3, **style,
                         label=group_label(values, others, method=members[0]["method"]))
+            if x in ("train_flops_vs_single", "epochs") and len({r.get("budget") for r in rows}) > 1:
+                # budget modes side by side: which mode each point is
+                for v, (m, _) in zip(xs, stats):
+                    modes = "/".join(sorted({str(r["budget"]) for r in by_x[(v,)] if r.get("budget")}))
+                    ax.annotate(modes, (v, m), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                                color=style["color"])
         if x == "train_flops_vs_single":  # equal compute with the single network at E reads off this line
             ax.axvline(1.0, color="gray", lw=0.8, ls=":")
         ax.set(xlabel=AXIS_NAMES.get(x, x.replace("_", " ")), ylabel=ylabel)
@@ -854,12 +860,14 @@ def write_report(folders, out, benches=(), rows_files=()):
     if benches:
         written.append(out / "fig8_speed_vs_sparsity.png")
         plot_speed_vs_sparsity(benches, written[-1])
+    # Vision and language runs apart: each gets its table, summary and figures.
     for script in ("train_vision.py", "train_lm.py"):
         lm = script == "train_lm.py"
         mine = [r for r in runs if ("updates" in r["config"]) == lm]
         before = [(rows, keys) for rows, keys in earlier if any(r["script"] == script for r in rows)]
         if not mine and not before:
             continue
+        # The axes: config keys that differ between the runs (a sweep's flags, the method, the budget).
         keys = sorted(set(swept_keys(mine) if mine else []).union(*(keys for _, keys in before)),
                       key=lambda k: (k != "method", k))
         found = result_rows(mine, keys)
@@ -904,11 +912,18 @@ def write_report(folders, out, benches=(), rows_files=()):
         accuracy_pd = [("acc", "test accuracy (%)", 100), ("pd_any", "prediction disagreement, any (%)", 100)]
         if rows and all(isinstance(r.get("train_flops_vs_single"), (int, float)) for r in rows) \
                 and len({r["train_flops_vs_single"] for r in rows}) > 1:
-            # equal compute reads off a vertical line: accuracy and NLL against training FLOPs vs single
+            # equal compute reads off a vertical line: accuracy and NLL against training FLOPs vs single,
+            # a line per method through its budgets (E values or budget modes)
             written.append(out / "budget_flops.png")
-            plot_vs(rows, [k for k in keys if k != "dense_epochs"] + ["train_flops_vs_single"],
+            plot_vs(rows, [k for k in keys if k not in ("dense_epochs", "budget")] + ["train_flops_vs_single"],
                     "train_flops_vs_single", [("acc", "test accuracy (%)", 100), ("nll", "test NLL", 1)],
                     written[-1], title)
+        if rows and "budget" in keys and "dense_epochs" not in keys and \
+                all(isinstance(r.get("epochs"), (int, float)) for r in rows):
+            # budget modes at one E: the same against each method's own epochs
+            written.append(out / "budget_epochs.png")
+            plot_vs(rows, [k for k in keys if k != "budget"] + ["epochs"], "epochs",
+                    [("acc", "test accuracy (%)", 100), ("nll", "test NLL", 1)], written[-1], title)
         figures = {"epochs": ("budget_epochs.png", accuracy_pd + [("nll", "test NLL", 1)]),
                    "dense_epochs": ("budget_epochs.png", accuracy_pd + [("nll", "test NLL", 1)]),
                    "blocks_in_head": ("fig3_blocks_in_head.png", accuracy_pd),

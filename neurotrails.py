@@ -631,7 +631,7 @@ def load_checkpoint(path, script=None, flag="--resume", config=None, may_differ=
     (no verification: nothing of the weights is used)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{flag} {path}: no such checkpoint")
-    try:
+    try:  # weights_only: tensors and plain values only, so loading a file never runs its code
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise ValueError(f"{flag} {path}: not a checkpoint of this project (unreadable: {type(e).__name__}; "
@@ -641,6 +641,7 @@ def load_checkpoint(path, script=None, flag="--resume", config=None, may_differ=
     if state.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{flag} {path}: checkpoint format {state.get('version')}, this code reads format "
                          f"{CHECKPOINT_VERSION} only; use the project's version that wrote it")
+    # Whose and which version, then whole (checksum) and finite, then complete, then the same run.
     writer = state["script"]
     if script is not None and writer != script:
         raise ValueError(f"{flag} {path}: written by {writer}, not {script}; use {writer} for it")
@@ -914,6 +915,8 @@ def run_sweep(main, argv, args, resolve):
     if args.compare or args.resume:
         raise ValueError("--sweep / --seeds run their own points: sweep method=... instead of --compare, "
                          "and re-run the same command instead of --resume")
+    # Every point's flags = the command's own flags (minus those a sweep sets) + its values, seed
+    # and folder; each is resolved (checked) before the first runs, so a typo fails in seconds.
     grid, base = sweep_grid(args.sweep, args.seeds, args.seed), [t for t in sweep_argv(argv) if t != "--overwrite"]
     points = []
     for name, flags, seed in grid:
@@ -922,6 +925,7 @@ def run_sweep(main, argv, args, resolve):
             points.append((name, point, resolve(point)))
         except ValueError as e:
             raise ValueError(f"sweep point {name}: {e}") from None
+    # Then each point, by the state of its folder: in use, differing, finished, interrupted or new.
     failed, stale, elsewhere, start = [], [], [], time.perf_counter()
     for i, (name, point, config) in enumerate(points, 1):
         folder, head = Path(args.out) / name, f"[{i}/{len(points)}] {name}"

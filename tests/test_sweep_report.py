@@ -443,3 +443,27 @@ def test_summary_leaves_a_cell_empty_where_a_point_lacks_a_column():
             {"method": "neurotrails", "seed": 0, "acc": 0.7}]  # e.g. a row of an older report
     table = evaluate.summary_markdown(rows, ["method"], "t")
     assert "| NeuroTrails | 0 | 70.00 | — |" in table and "| single dense | 0 | 80.00 | 1.00 |" in table
+
+
+def test_budget_modes_at_one_E_are_plotted_against_training_flops_and_each_methods_epochs(tmp_path):
+    """The paper's protocol: methods under --budget paper and flops at one E; the report draws
+    accuracy and NLL against training FLOPs (a line per method through its budgets) and against
+    each method's own epochs, and its table keeps the budget apart."""
+    runs = tmp_path / "runs"
+    for budget, own in (("paper", {"single": 10, "neurotrails": 18}), ("flops", {"neurotrails": 8})):
+        for method, epochs in own.items():
+            for seed in (0, 1):
+                folder = runs / budget / f"method={method}_seed={seed}"
+                fake_vision_run(folder, method, seed, epochs)
+                for name in ("config.json", "results.json"):  # the budget fields train_vision.py records
+                    data = json.loads((folder / name).read_text())
+                    cfg = data.get("config", data)
+                    cfg.update(budget=budget, dense_epochs=10,
+                               train_flops_vs_single=1.0 if method == "single" else 1.27 * epochs / 18)
+                    (folder / name).write_text(json.dumps(data))
+    written = {p.name for p in evaluate.write_report([runs], tmp_path / "report")}
+    assert {"budget_flops.png", "budget_epochs.png"} <= written
+    rows = read_csv(tmp_path / "report" / "results.csv")
+    assert {(r["method"], r["budget"], r["epochs"]) for r in rows} == {
+        ("single", "paper", "10"), ("neurotrails", "paper", "18"), ("neurotrails", "flops", "8")}
+    assert "| NeuroTrails | flops | 0,1 |" in (tmp_path / "report" / "summary.md").read_text()
