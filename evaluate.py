@@ -845,6 +845,64 @@ def merge_rows(rows, earlier, keys):
     return merged
 
 
+def vision_figures(runs, rows, keys, out, title):
+    """The figures a folder of vision runs supports: Fig. 5 over training (under the paper's budgets
+    when budget modes are compared), accuracy and NLL against training FLOPs and epochs, and
+    Fig. 3 / 6 / 7 for a swept |F_h|, M or S. Returns the paths written."""
+    written = []
+    # Fig. 5: over training; with an E axis, the runs of the largest E only; with budget modes, the paper's
+    finished = [r for r in runs if r["results"] is not None]  # an unfinished run would cut its curve short
+    curve_keys = keys
+    if "budget" in keys and any(r["config"].get("budget") == "paper" for r in finished):
+        finished = [r for r in finished if r["config"].get("budget") == "paper"]
+        curve_keys = [k for k in keys if k != "budget"]
+    if finished:
+        # E (each method then runs its own length), or, for runs before budgets, their epochs
+        axis = "dense_epochs" if all("dense_epochs" in r["config"] for r in finished) else "epochs"
+        longest = [r for r in finished
+                   if r["config"].get(axis) == max(m["config"].get(axis) or 0 for m in finished)]
+        written.append(out / "fig5_over_training.png")
+        plot_over_training(longest, [k for k in curve_keys if k != axis], "epoch",
+                           [("acc", "test accuracy (%)", 100), ("nll", "test NLL", 1),
+                            ("pd_any", "prediction disagreement, any (%)", 100)], written[-1],
+                           run_title(longest, curve_keys))
+    if not rows:  # the figures per point need finished runs (or earlier reports' rows)
+        return written
+    accuracy_pd = [("acc", "test accuracy (%)", 100), ("pd_any", "prediction disagreement, any (%)", 100)]
+    if all(isinstance(r.get("train_flops_vs_single"), (int, float)) for r in rows) \
+            and len({r["train_flops_vs_single"] for r in rows}) > 1:
+        # equal compute reads off a vertical line: accuracy and NLL against training FLOPs vs single,
+        # a line per method through its budgets (E values or budget modes)
+        written.append(out / "budget_flops.png")
+        plot_vs(rows, [k for k in keys if k not in ("dense_epochs", "budget")] + ["train_flops_vs_single"],
+                "train_flops_vs_single", [("acc", "test accuracy (%)", 100), ("nll", "test NLL", 1)],
+                written[-1], title)
+    if "budget" in keys and "dense_epochs" not in keys and \
+            all(isinstance(r.get("epochs"), (int, float)) for r in rows):
+        # budget modes at one E: the same against each method's own epochs
+        written.append(out / "budget_epochs.png")
+        plot_vs(rows, [k for k in keys if k != "budget"] + ["epochs"], "epochs",
+                [("acc", "test accuracy (%)", 100), ("nll", "test NLL", 1)], written[-1], title)
+    figures = {"epochs": ("budget_epochs.png", accuracy_pd + [("nll", "test NLL", 1)]),
+               "dense_epochs": ("budget_epochs.png", accuracy_pd + [("nll", "test NLL", 1)]),
+               "blocks_in_head": ("fig3_blocks_in_head.png", accuracy_pd),
+               "num_heads": ("fig6_num_heads.png", [accuracy_pd[0], ("infer_flops_vs_single",
+                                                                    "inference FLOPs vs single", 1)]),
+               "sparsity": ("fig7_sparsity.png", accuracy_pd)}
+    for key, (name, panels) in figures.items():
+        if key in keys:
+            written.append(out / name)
+            mine_rows = rows
+            if key == "num_heads" and "head_lr_scale" in keys:  # Fig. 6: the head lr x M arm is one line over M
+                mine_rows = [dict(r, head_lr_scale="M") if r.get("head_lr_scale") not in (None, 1, 1.0)
+                             and float(r["head_lr_scale"]) == float(r["num_heads"]) else r for r in rows]
+            plot_vs(mine_rows, keys, key, panels, written[-1], title)
+    if "blocks_in_head" in keys:
+        written.append(out / "fig3_goldilocks.png")
+        plot_goldilocks(rows, keys, written[-1], title)
+    return written
+
+
 def write_report(folders, out, benches=(), rows_files=()):
     """results.csv, summary.md and every figure the runs (and export_bench.py --json files, and
     earlier reports' results.csv rows) support; returns the paths written."""
@@ -897,50 +955,7 @@ def write_report(folders, out, benches=(), rows_files=()):
                 written.append(out / "lm_budget.png")
                 plot_vs(rows, keys, "updates", [("ppl", "validation perplexity", 1)], written[-1], title)
             continue
-        # Fig. 5: over training; with a budget axis, the runs of the largest budget only
-        finished = [r for r in mine if r["results"] is not None]  # an unfinished run would cut its curve short
-        if finished:
-            # E (each method then runs its own length), or, for runs before budgets, their epochs
-            axis = "dense_epochs" if all("dense_epochs" in r["config"] for r in finished) else "epochs"
-            longest = [r for r in finished
-                       if r["config"].get(axis) == max(m["config"].get(axis) or 0 for m in finished)]
-            written.append(out / "fig5_over_training.png")
-            plot_over_training(longest, [k for k in keys if k != axis], "epoch",
-                               [("acc", "test accuracy (%)", 100), ("nll", "test NLL", 1),
-                                ("pd_any", "prediction disagreement, any (%)", 100)], written[-1],
-                               run_title(longest, keys))
-        accuracy_pd = [("acc", "test accuracy (%)", 100), ("pd_any", "prediction disagreement, any (%)", 100)]
-        if rows and all(isinstance(r.get("train_flops_vs_single"), (int, float)) for r in rows) \
-                and len({r["train_flops_vs_single"] for r in rows}) > 1:
-            # equal compute reads off a vertical line: accuracy and NLL against training FLOPs vs single,
-            # a line per method through its budgets (E values or budget modes)
-            written.append(out / "budget_flops.png")
-            plot_vs(rows, [k for k in keys if k not in ("dense_epochs", "budget")] + ["train_flops_vs_single"],
-                    "train_flops_vs_single", [("acc", "test accuracy (%)", 100), ("nll", "test NLL", 1)],
-                    written[-1], title)
-        if rows and "budget" in keys and "dense_epochs" not in keys and \
-                all(isinstance(r.get("epochs"), (int, float)) for r in rows):
-            # budget modes at one E: the same against each method's own epochs
-            written.append(out / "budget_epochs.png")
-            plot_vs(rows, [k for k in keys if k != "budget"] + ["epochs"], "epochs",
-                    [("acc", "test accuracy (%)", 100), ("nll", "test NLL", 1)], written[-1], title)
-        figures = {"epochs": ("budget_epochs.png", accuracy_pd + [("nll", "test NLL", 1)]),
-                   "dense_epochs": ("budget_epochs.png", accuracy_pd + [("nll", "test NLL", 1)]),
-                   "blocks_in_head": ("fig3_blocks_in_head.png", accuracy_pd),
-                   "num_heads": ("fig6_num_heads.png", [accuracy_pd[0], ("infer_flops_vs_single",
-                                                                        "inference FLOPs vs single", 1)]),
-                   "sparsity": ("fig7_sparsity.png", accuracy_pd)}
-        for key, (name, panels) in figures.items():
-            if rows and key in keys:
-                written.append(out / name)
-                mine_rows = rows
-                if key == "num_heads" and "head_lr_scale" in keys:  # Fig. 6: the head lr x M arm is one line over M
-                    mine_rows = [dict(r, head_lr_scale="M") if r.get("head_lr_scale") not in (None, 1, 1.0)
-                                 and float(r["head_lr_scale"]) == float(r["num_heads"]) else r for r in rows]
-                plot_vs(mine_rows, keys, key, panels, written[-1], title)
-        if rows and "blocks_in_head" in keys:
-            written.append(out / "fig3_goldilocks.png")
-            plot_goldilocks(rows, keys, written[-1], title)
+        written += vision_figures(mine, rows, keys, out, title)
     return written
 
 
