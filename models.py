@@ -81,7 +81,7 @@ def wide_resnet(depth=28, width=10, num_classes=100, in_channels=3):
     widths = [16, 16 * width, 32 * width, 64 * width]
     stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
     blocks = []
-    for stage in range(3):
+    for stage in range(3):  # 32x32 -> 16x16 -> 8x8: the first block of stages 2 and 3 halves the size
         for i in range(n):
             c_in = widths[stage] if i == 0 else widths[stage + 1]
             stride = 2 if stage > 0 and i == 0 else 1
@@ -94,6 +94,8 @@ def wide_resnet(depth=28, width=10, num_classes=100, in_channels=3):
 
 
 def _init_resnet(net):
+    """He (fan-out) init of convs, BatchNorm at the identity, zero linear biases (torchvision's
+    ResNet init)."""
     for m in net.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -179,6 +181,7 @@ class EncoderBlock(nn.Module):
 
     def forward(self, x):
         b, n, d = x.shape
+        # (B, N, 3D) -> three (B, heads, N, D / heads)
         q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         # softmax(q k^T / sqrt(d / heads)) v, per attention head
         attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
