@@ -600,6 +600,8 @@ def result_rows(runs, keys):
         for col in (LM_COLUMNS if "ppl" in m else VISION_COLUMNS):
             v = r["results"].get(col, m.get(col))
             row[col] = ";".join(f"{x:.6g}" for x in v) if isinstance(v, list) else v
+        machine = r["results"].get("machine") or {}  # bf16 kernels differ between CPUs: every row says where
+        row["machine"] = " ".join([machine.get("cpu") or "", "AMX" if "amx_bf16" in machine.get("isa", []) else ""]).strip()
         rows.append(row)
     return rows
 

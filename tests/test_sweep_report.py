@@ -467,3 +467,16 @@ def test_budget_modes_at_one_E_are_plotted_against_training_flops_and_each_metho
     assert {(r["method"], r["budget"], r["epochs"]) for r in rows} == {
         ("single", "paper", "10"), ("neurotrails", "paper", "18"), ("neurotrails", "flops", "8")}
     assert "| NeuroTrails | flops | 0,1 |" in (tmp_path / "report" / "summary.md").read_text()
+    assert {r["machine"] for r in rows} == {""}  # fake runs name no machine; real ones their CPU
+
+
+def test_every_row_of_the_report_names_the_machine_it_ran_on(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, machine in ((0, {"cpu": "AMD EPYC (family 25, model 17)", "isa": ["avx512_bf16"]}),
+                          (1, {"cpu": "Intel(R) Xeon(R) Processor (family 6, model 207)", "isa": ["amx_bf16"]})):
+        fake_vision_run(runs / f"seed={seed}", "single", seed)
+        results = json.loads((runs / f"seed={seed}" / "results.json").read_text())
+        (runs / f"seed={seed}" / "results.json").write_text(json.dumps({**results, "machine": machine}))
+    evaluate.write_report([runs], tmp_path / "report")
+    assert [r["machine"] for r in read_csv(tmp_path / "report" / "results.csv")] == [
+        "AMD EPYC (family 25, model 17)", "Intel(R) Xeon(R) Processor (family 6, model 207) AMX"]
