@@ -1129,9 +1129,8 @@ def check_checkpoint_arguments(args, script):
                              "train_lm.py checkpoint (its evaluation is the validation perplexity)")
 
 
-def eval_only_args(argv, script, corruptions=(), check=None):
-    """The parsed and checked flags of `<script> --eval-only` (a one-line error and exit 1 else);
-    check(args): the script's own checks of its flags, before any work."""
+def eval_only_args(argv, script, corruptions=()):
+    """The parsed and checked flags of `<script> --eval-only` (a one-line error and exit 1 else)."""
     ap = neurotrails.Parser(prog=f"{script} --eval-only", description=f"Evaluate a {script} checkpoint on its own "
                             "data (its test set, an ImageFolder, corruptions; LM: validation perplexities).")
     add_checkpoint_arguments(ap, corruptions)
@@ -1139,8 +1138,6 @@ def eval_only_args(argv, script, corruptions=(), check=None):
     try:
         if not args.checkpoint:
             raise ValueError("--eval-only needs --checkpoint PATH")
-        if check is not None:
-            check(args)
         check_checkpoint_arguments(args, script)
     except (ValueError, OSError) as e:
         ap.fail(e)

@@ -815,8 +815,7 @@ def run_command(main, argv, parse_args, resolve, run, supported, show, eval_only
                 print(f"\n== {m}", flush=True)
             rows[m] = run(resolve(argparse.Namespace(**{**vars(args), "method": m, "out": out})),
                           args.resume, args.overwrite)
-        import torch.distributed as dist
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             show(rows, args.out if args.compare else None)
     except (ValueError, OSError, FloatingPointError) as e:
         ap.fail(e)

@@ -398,9 +398,10 @@ def cost_vs_single(net, cfg, example):
 def eval_only(argv):
     """`train_vision.py --eval-only --checkpoint PATH ...`:
     a checkpoint's metrics on its own test set, read here where the data loading lives."""
-    prog, args = evaluate.eval_only_args(argv, SCRIPT, tuple(CORRUPTIONS), check_corruption_flags)
+    prog, args = evaluate.eval_only_args(argv, SCRIPT, tuple(CORRUPTIONS))
     try:
         state = load_checkpoint(args.checkpoint, flag="--checkpoint")
+        check_corruption_flags(args, state)  # before the network and the data are built
         cfg, device = state["config"], "cuda" if torch.cuda.is_available() else "cpu"
         net = neurotrails.model_from_checkpoint(state, device, f"--checkpoint {args.checkpoint}")
         if args.image_folder:
@@ -416,8 +417,6 @@ def eval_only(argv):
                              "(CIFAR-100 or Fashion-MNIST checkpoints)")
         if args.corruptions:  # colour-only corruptions on one-channel images: refused before any work
             corruption_names(args.corruptions, data["x"].shape[1])
-        if args.corruptions_dir:  # the files against this model's input and classes, before any work
-            corruption_files(args.corruptions_dir, state["input_shape"], state["model_kwargs"]["num_classes"])
         models_to_grid = [(Path(args.checkpoint).resolve().parent.name, net)]
         if args.grid_with:
             other = load_checkpoint(args.grid_with, flag="--grid-with")
@@ -437,8 +436,9 @@ def eval_only(argv):
                                      lambda x: normalize(x.to(device), cfg["dataset"]))
 
 
-def check_corruption_flags(args):
-    """--corruptions names known corruptions; --corruptions-dir is a CIFAR-100-C folder; not both."""
+def check_corruption_flags(args, state):
+    """--corruptions names known corruptions; --corruptions-dir is a CIFAR-100-C folder whose images
+    and labels fit the checkpoint's input and classes; not both."""
     names = corruption_names(args.corruptions)
     if any(n not in CORRUPTIONS for n in names):
         raise ValueError(f"--corruptions: unknown corruption in {args.corruptions!r}; choose from "
@@ -446,7 +446,7 @@ def check_corruption_flags(args):
     if args.corruptions_dir:
         if args.corruptions:
             raise ValueError("--corruptions (generated) and --corruptions-dir (the published files): give one")
-        corruption_files(args.corruptions_dir)
+        corruption_files(args.corruptions_dir, state["input_shape"], state["model_kwargs"]["num_classes"])
 
 
 def input_shape(dataset):
