@@ -327,6 +327,17 @@ def _save(plt, fig, legend_ax, path, title):
     plt.close(fig)
 
 
+def loss_axis_range(values):
+    """(bottom, top) y-limits for a loss-like curve (NLL, perplexity) whose first evaluations,
+    before the network has learnt anything, are many times its later values: from 0.95x the
+    smallest to 1.5x the median of the plotted values when the largest is above 2x the median (the
+    rise after a learning-rate decay is then visible), else None (matplotlib's own range)."""
+    ordered = sorted(values)
+    if len(ordered) < 10 or not ordered[-1] > 2 * ordered[len(ordered) // 2] > 0:
+        return None
+    return 0.95 * ordered[0], 1.5 * ordered[len(ordered) // 2]
+
+
 def reliability_bins(probs, labels, bins=15):
     """Per confidence bin: (bin upper edge, count, accuracy, mean confidence)."""
     conf, pred, idx = confidence_bins(probs, bins)
@@ -652,13 +663,14 @@ def summary_markdown(rows, keys, title):
 
 
 def group_label(values, keys, skip=(), method=None):
-    """A legend entry from a point's swept values, e.g. "NeuroTrails, head lr scale 3"; with no
-    swept value to show, the runs' method."""
+    """A legend entry from a point's swept values, e.g. "NeuroTrails, head lr x3" (the paper's rate,
+    x1, is not named); with no swept value to show, the runs' method."""
     parts = []
     for k, v in zip(keys, values):
-        if k in skip:
+        if k in skip or (k == "head_lr_scale" and v in (1, 1.0)):  # the paper's head rate is not named
             continue
-        parts.append(METHOD_NAMES.get(v, v) if k == "method" else f"{k.replace('_', ' ')} {v}")
+        parts.append(METHOD_NAMES.get(v, v) if k == "method" else f"head lr x{v:g}" if k == "head_lr_scale"
+                     and isinstance(v, (int, float)) else f"{k.replace('_', ' ')} {v}")
     return ", ".join(parts) or METHOD_NAMES.get(method, method or "runs")
 
 
@@ -774,6 +786,7 @@ def plot_over_training(runs, keys, x, panels, path, title, note=None):
         by_point.setdefault(tuple(r["config"].get(k) for k in keys), []).append(r)
     looks = arm_styles([(dict(zip(keys, values)), members[0]["config"].get("method"))
                         for values, members in by_point.items()])
+    plotted = {}  # column -> every mean drawn, for the y-range of loss-like panels
     for i, (values, members) in enumerate(by_point.items()):
         color = looks[i]["color"] or f"C{i % 10}"
         label = group_label(values, keys, method=members[0]["config"].get("method"))
@@ -793,10 +806,16 @@ def plot_over_training(runs, keys, x, panels, path, title, note=None):
                         marker=looks[i]["marker"] if len(xs) <= 30 else None,
                         label=label)
                 ax.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats], color=color, alpha=0.2)
+                plotted.setdefault(col, []).extend(m for m, _ in stats)
             ax.set(xlabel=x, ylabel=ylabel)
             ax.grid(alpha=0.3)
             if x == "epoch":
                 ax.xaxis.get_major_locator().set_params(integer=True)
+    for ax, (col, ylabel, _) in zip(axes.flat, panels):
+        limits = loss_axis_range(plotted.get(col, [])) if col in ("nll", "ppl", "ppl_logits") else None
+        if limits is not None:  # the first evaluations would flatten the rest of the curve
+            ax.set_ylim(*limits)
+            ax.set_ylabel(f"{ylabel} (early epochs off the axis)")
     if note is None:
         note = f" ({seeds_note([r['config'] for r in runs])})" if all("seed" in r["config"] for r in runs) else ""
     _save(plt, fig, axes[0][0], path, title + note)

@@ -480,3 +480,20 @@ def test_every_row_of_the_report_names_the_machine_it_ran_on(tmp_path):
     evaluate.write_report([runs], tmp_path / "report")
     assert [r["machine"] for r in read_csv(tmp_path / "report" / "results.csv")] == [
         "AMD EPYC (family 25, model 17)", "Intel(R) Xeon(R) Processor (family 6, model 207) AMX"]
+
+
+def test_legends_name_a_head_learning_rate_only_where_it_is_not_the_papers():
+    keys = ["method", "head_lr_scale"]
+    assert evaluate.group_label(("neurotrails", 3.0), keys) == "NeuroTrails, head lr x3"
+    assert evaluate.group_label(("neurotrails", 1.0), keys) == "NeuroTrails"
+    assert evaluate.group_label(("single", 1), keys) == "single dense"
+    assert evaluate.group_label(("neurotrails", "M"), keys) == "NeuroTrails, head lr scale M"  # Fig. 6's arm
+    assert evaluate.group_label((2, 0.5), ["blocks_in_head", "head_lr_scale"]) == "blocks in head 2, head lr x0.5"
+
+
+def test_loss_curves_keep_their_late_values_readable_when_the_first_evaluations_are_huge():
+    early_spike = [6.5, 2.0, 1.1] + [0.5 + 0.01 * i for i in range(20)]
+    bottom, top = evaluate.loss_axis_range(early_spike)
+    assert bottom == pytest.approx(0.95 * 0.5) and 0.69 < top < 1.1  # the rise 0.50 -> 0.69 fills the axis
+    assert evaluate.loss_axis_range([0.5 + 0.01 * i for i in range(20)]) is None  # no spike: matplotlib's range
+    assert evaluate.loss_axis_range([9.0, 0.5, 0.4]) is None  # too few points to judge
