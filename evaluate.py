@@ -454,8 +454,9 @@ def plot_history(jsonl_paths, path):
 # ----------------------------------------------------------------------------------------------
 # Report: a folder of runs -> results.csv, summary.md and the paper's analysis figures (Sec. 5)
 
-# Config keys that never make runs differ in result (where they ran, how they were resumed).
-NOT_AXES = {"out", "data_dir", "device", "workers", "world_size", "resumed", "seed", "bf16", "channels_last",
+# Config keys that never make runs differ in result (where they ran, how they were resumed). bf16 is
+# not one of them: bf16 and fp32 runs of one point are two points (the bf16 check against fp32).
+NOT_AXES = {"out", "data_dir", "device", "workers", "world_size", "resumed", "seed", "channels_last",
             "data_workers", "micro_batch_size", "stop_after", "save_every", "log_every", "eval_every"}
 METHOD_NAMES = {"single": "single dense", "treenet": "TreeNet", "ensemble": "full ensemble",
                 "neurotrails": "NeuroTrails", "static": "static sparse", "pruning": "pruning", "set": "SET"}

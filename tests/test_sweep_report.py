@@ -497,3 +497,17 @@ def test_loss_curves_keep_their_late_values_readable_when_the_first_evaluations_
     assert bottom == pytest.approx(0.95 * 0.5) and 0.69 < top < 1.1  # the rise 0.50 -> 0.69 fills the axis
     assert evaluate.loss_axis_range([0.5 + 0.01 * i for i in range(20)]) is None  # no spike: matplotlib's range
     assert evaluate.loss_axis_range([9.0, 0.5, 0.4]) is None  # too few points to judge
+
+
+def test_bf16_and_fp32_runs_of_one_point_are_two_rows_of_the_summary_not_two_seeds(tmp_path):
+    for bf16 in (True, False):
+        folder = tmp_path / "runs" / f"bf16={bf16}"
+        fake_vision_run(folder, "neurotrails", 0)
+        for name in ("config.json", "results.json"):
+            data = json.loads((folder / name).read_text())
+            (data["config"] if name == "results.json" else data)["bf16"] = bf16
+            (folder / name).write_text(json.dumps(data))
+    evaluate.write_report([tmp_path / "runs"], tmp_path / "report")
+    assert sorted(r["bf16"] for r in read_csv(tmp_path / "report" / "results.csv")) == ["False", "True"]
+    table = [line for line in (tmp_path / "report" / "summary.md").read_text().splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| bf16 | seeds |") and len(table) == 4  # header, rule, one row per arithmetic
