@@ -11,7 +11,10 @@ Below the banner "Run plumbing": what the scripts share (argparse types, run fol
 checkpoints, --config, sweeps, results files). `python neurotrails.py --model wrn28-10` prints a
 configuration's split and sparsity allocation without training.
 
-Imports: torch, and the project's models.py and sparsity.py.
+Imports: the method (everything above the banner) imports torch and the project's models.py and
+sparsity.py only, and uses nothing below the banner: those lines, with the two files, are the method
+on their own (a test copies them alone and trains). The plumbing imports the standard library it
+needs below the banner.
 
 Deviations from the released code (see README "Deviations"):
   Deviation: final BatchNorm of WRN. Released code: one final BN shared by all heads. Ours: each
@@ -21,22 +24,9 @@ Deviations from the released code (see README "Deviations"):
   Deviation: aggregation. Released code averages logits. Ours: mean of probabilities (paper App. E,
     G); aggregate="logits" gives the released behaviour, labelled as such.
 """
-import argparse
-import errno
-import hashlib
-import itertools
-import json
 import math
-import os
-import re
-import shlex
-import shutil
-import sys
-import time
 from collections import OrderedDict
-from pathlib import Path
 from typing import NamedTuple
-from urllib.parse import quote
 
 import torch
 import torch.nn as nn
@@ -44,6 +34,8 @@ import torch.nn.functional as F
 
 import models
 import sparsity
+
+MAX_HEADS = 64  # M above this is a typo, not an experiment (the paper goes to M = 20, Fig. 6)
 
 # ----------------------------------------------------------------------------------------------
 # The network: backbone + heads (Sec. 3, Fig. 1)
@@ -294,8 +286,21 @@ def build_from_config(config, **model_kwargs):
 # Run plumbing, shared by the project's scripts; not the method. Command-line values and errors,
 # run folders, checkpoints, --config, sweeps and results files. A reader of the method can stop here.
 # ==============================================================================================
-
-MAX_HEADS = 64  # M above this is a typo, not an experiment (the paper goes to M = 20, Fig. 6)
+# (The method above imports only torch, models.py and sparsity.py, so it can be copied alone; what
+# the plumbing needs is imported here.)
+import argparse  # noqa: E402
+import errno  # noqa: E402
+import hashlib  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from urllib.parse import quote  # noqa: E402
 
 
 class HelpWithDefaults(argparse.HelpFormatter):

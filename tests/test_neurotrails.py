@@ -145,6 +145,41 @@ def test_llama_130m_global_solve_leaves_attention_projections_dense():
     assert all(dens[n] < 1.0 for n in dens if "mlp" in n)
 
 
+def test_the_method_above_the_banner_runs_alone_copied_with_models_and_sparsity(tmp_path):
+    """What a user copies: the lines of neurotrails.py above the run-plumbing banner, beside
+    models.py and sparsity.py. They import nothing else and name nothing below the banner: a net is
+    built, masked at S, trained three steps with the mean loss and topology updates, and voted."""
+    source = (ROOT / "neurotrails.py").read_text().splitlines()
+    banner = next(i for i, line in enumerate(source) if line.startswith("# Run plumbing"))
+    (tmp_path / "neurotrails.py").write_text("\n".join(source[:banner - 1]) + "\n")
+    for name in ("models.py", "sparsity.py"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    code = """
+import torch, neurotrails
+torch.manual_seed(0)
+net = neurotrails.build("wrn10-1", 3, 2, num_classes=10)
+masks = neurotrails.build_masks(net, 0.8, delta_t=1, t_end=10)
+opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+for step in range(1, 4):
+    loss = neurotrails.ensemble_loss(net(x), y)
+    opt.zero_grad(); loss.backward()
+    moved = masks.update(step, opt) if masks.is_update_step(step) else {}
+    opt.step(); masks.apply_(opt)
+active = sum(int(m.sum()) for m in masks.masks.values())
+probs = neurotrails.soft_vote(net(x))
+print(len(moved) > 0, active, round(float(probs.sum(-1).mean()), 4), neurotrails.__file__, "argparse" in dir(neurotrails))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    grew, active, prob_sum, path, plumbing = out.stdout.split()
+    assert grew == "True" and prob_sum == "1.0" and plumbing == "False"
+    assert path == str(tmp_path / "neurotrails.py")
+    torch.manual_seed(0)  # the same masks as the whole module allocates: same counts
+    full = neurotrails.build_masks(tiny(), 0.8, delta_t=1, t_end=10)
+    assert int(active) == sum(int(m.sum()) for m in full.masks.values())
+
+
 def test_two_runs_with_one_seed_give_bitwise_equal_weights():
     def run():
         net = tiny(2, 2, seed=11)
