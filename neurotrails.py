@@ -919,53 +919,13 @@ def run_sweep(main, argv, args, resolve):
     if args.compare or args.resume:
         raise ValueError("--sweep / --seeds run their own points: sweep method=... instead of --compare, "
                          "and re-run the same command instead of --resume")
-    # Every point's flags = the command's own flags (minus those a sweep sets) + its values, seed
-    # and folder; each is resolved (checked) before the first runs, so a typo fails in seconds.
-    grid, base = sweep_grid(args.sweep, args.seeds, args.seed), [t for t in sweep_argv(argv) if t != "--overwrite"]
-    points = []
-    for name, flags, seed in grid:
-        point = [*base, *(t for f, v in flags for t in (f, v)), "--seed", str(seed), "--out", str(Path(args.out) / name)]
-        try:
-            points.append((name, point, resolve(point)))
-        except ValueError as e:
-            raise ValueError(f"sweep point {name}: {e}") from None
-    # Then each point, by the state of its folder: in use, differing, finished, interrupted or new.
-    failed, stale, elsewhere, start = [], [], [], time.perf_counter()
+    points = sweep_points(argv, args, resolve)
+    outcome, start = {"failed": [], "stale": [], "elsewhere": []}, time.perf_counter()
     for i, (name, point, config) in enumerate(points, 1):
-        folder, head = Path(args.out) / name, f"[{i}/{len(points)}] {name}"
-        if _locked(folder / ".lock"):  # another process of the same grid runs it
-            print(f"{head}: in use by another process, left to it", flush=True)
-            elsewhere.append(name)
-            continue
-        stored = _stored_config(folder)
-        differs = config_differences(stored, config) if stored is not None else []
-        if differs and not args.overwrite:
-            print(f"{head}: NOT re-run: its stored run differs in {', '.join(differs[:4])}; --overwrite re-runs it",
-                  flush=True)
-            stale.append(name)
-            continue
-        if (folder / "results.json").exists() and not differs:
-            print(f"{head}: finished, skipped", flush=True)
-            continue
-        if (folder / "last.pt").exists() and not differs:
-            point, what = point + ["--resume", str(folder / "last.pt")], "resuming"
-        else:  # nothing there, only a config (stopped before its first checkpoint), or a differing run
-            point, what = point + (["--overwrite"] if held_run(folder) else []), "running"
-        print(f"{head}: {what} -> {folder}", flush=True)
-        t0 = time.perf_counter()
-        try:
-            main(point)
-            code = 0
-        except SystemExit as e:  # the trainer's one-line error was printed
-            code = e.code if isinstance(e.code, int) else 1
-        if code and _locked(folder / ".lock"):  # another process took the point in the same instant
-            print(f"{head}: in use by another process, left to it", flush=True)
-            elsewhere.append(name)
-        elif code:
-            failed.append(name)
-            print(f"{head}: FAILED (exit code {code}); the other points go on", flush=True)
-        else:
-            print(f"{head}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+        status = run_point(main, Path(args.out) / name, point, config, args.overwrite, f"[{i}/{len(points)}] {name}")
+        if status in outcome:
+            outcome[status].append(name)
+    failed, stale, elsewhere = outcome["failed"], outcome["stale"], outcome["elsewhere"]
     total = f"{len(points)} points in {time.perf_counter() - start:.0f} s"
     if elsewhere:
         total += f" ({len(elsewhere)} left to the processes running them: {', '.join(elsewhere)})"
@@ -975,6 +935,58 @@ def run_sweep(main, argv, args, resolve):
                             f"{', '.join(stale)}" if stale else "")
                          + "; re-run the same command to retry (finished points are skipped)")
     print(f"sweep: {total}; report: python evaluate.py report {args.out} --out REPORT", flush=True)
+
+
+def sweep_points(argv, args, resolve):
+    """[(name, argv, config)] of every point: the command's own flags (minus those a sweep sets) +
+    the point's values, seed and folder, each resolved (checked) before the first runs, so a typo
+    fails in seconds, naming its point."""
+    grid, base = sweep_grid(args.sweep, args.seeds, args.seed), [t for t in sweep_argv(argv) if t != "--overwrite"]
+    points = []
+    for name, flags, seed in grid:
+        point = [*base, *(t for f, v in flags for t in (f, v)), "--seed", str(seed), "--out", str(Path(args.out) / name)]
+        try:
+            points.append((name, point, resolve(point)))
+        except ValueError as e:
+            raise ValueError(f"sweep point {name}: {e}") from None
+    return points
+
+
+def run_point(main, folder, point, config, overwrite, head):
+    """One point, by the state of its folder: in use by another process ("elsewhere"), a stored run
+    that differs ("stale", unless overwrite), finished ("skipped"), interrupted (resumed from its
+    last.pt) or new; returns what happened: elsewhere, stale, skipped, failed or done."""
+    if _locked(folder / ".lock"):  # another process of the same grid runs it
+        print(f"{head}: in use by another process, left to it", flush=True)
+        return "elsewhere"
+    stored = _stored_config(folder)
+    differs = config_differences(stored, config) if stored is not None else []
+    if differs and not overwrite:
+        print(f"{head}: NOT re-run: its stored run differs in {', '.join(differs[:4])}; --overwrite re-runs it",
+              flush=True)
+        return "stale"
+    if (folder / "results.json").exists() and not differs:
+        print(f"{head}: finished, skipped", flush=True)
+        return "skipped"
+    if (folder / "last.pt").exists() and not differs:
+        point, what = point + ["--resume", str(folder / "last.pt")], "resuming"
+    else:  # nothing there, only a config (stopped before its first checkpoint), or a differing run
+        point, what = point + (["--overwrite"] if held_run(folder) else []), "running"
+    print(f"{head}: {what} -> {folder}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        main(point)
+        code = 0
+    except SystemExit as e:  # the trainer's one-line error was printed
+        code = e.code if isinstance(e.code, int) else 1
+    if code and _locked(folder / ".lock"):  # another process took the point in the same instant
+        print(f"{head}: in use by another process, left to it", flush=True)
+        return "elsewhere"
+    if code:
+        print(f"{head}: FAILED (exit code {code}); the other points go on", flush=True)
+        return "failed"
+    print(f"{head}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return "done"
 
 
 def _stored_config(folder):
