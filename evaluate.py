@@ -816,7 +816,7 @@ def plot_over_training(runs, keys, x, panels, path, title, note=None):
         limits = loss_axis_range(plotted.get(col, [])) if col in ("nll", "ppl", "ppl_logits") else None
         if limits is not None:  # the first evaluations would flatten the rest of the curve
             ax.set_ylim(*limits)
-            ax.set_ylabel(f"{ylabel} (early epochs off the axis)")
+            ax.set_ylabel(f"{ylabel} (first evaluations off the axis)")
     if note is None:
         note = f" ({seeds_note([r['config'] for r in runs])})" if all("seed" in r["config"] for r in runs) else ""
     _save(plt, fig, axes[0][0], path, title + note)
