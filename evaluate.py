@@ -338,6 +338,15 @@ def loss_axis_range(values):
     return 0.95 * ordered[0], 1.5 * ordered[len(ordered) // 2]
 
 
+def clip_loss_axes(axes, panels, plotted):
+    """Loss-like panels (NLL, perplexity) to loss_axis_range of their plotted values, said on the axis."""
+    for ax, (col, ylabel, _) in zip(axes, panels):
+        limits = loss_axis_range(plotted.get(col, [])) if col in ("nll", "ppl", "ppl_logits") else None
+        if limits is not None:  # the first evaluations would flatten the rest of the curve
+            ax.set_ylim(*limits)
+            ax.set_ylabel(f"{ylabel} (first evaluations off the axis)")
+
+
 def reliability_bins(probs, labels, bins=15):
     """Per confidence bin: (bin upper edge, count, accuracy, mean confidence)."""
     conf, pred, idx = confidence_bins(probs, bins)
@@ -812,11 +821,7 @@ def plot_over_training(runs, keys, x, panels, path, title, note=None):
             ax.grid(alpha=0.3)
             if x == "epoch":
                 ax.xaxis.get_major_locator().set_params(integer=True)
-    for ax, (col, ylabel, _) in zip(axes.flat, panels):
-        limits = loss_axis_range(plotted.get(col, [])) if col in ("nll", "ppl", "ppl_logits") else None
-        if limits is not None:  # the first evaluations would flatten the rest of the curve
-            ax.set_ylim(*limits)
-            ax.set_ylabel(f"{ylabel} (first evaluations off the axis)")
+    clip_loss_axes(axes.flat, panels, plotted)
     if note is None:
         note = f" ({seeds_note([r['config'] for r in runs])})" if all("seed" in r["config"] for r in runs) else ""
     _save(plt, fig, axes[0][0], path, title + note)
