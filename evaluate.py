@@ -896,8 +896,11 @@ def vision_figures(runs, rows, keys, out, title):
     if not rows:  # the figures per point need finished runs (or earlier reports' rows)
         return written
     accuracy_pd = [("acc", "test accuracy (%)", 100), ("pd_any", "prediction disagreement, any (%)", 100)]
+    budget_axis = any(k in keys for k in ("budget", "dense_epochs", "epochs"))
+    analysis_axis = any(k in keys for k in ("blocks_in_head", "num_heads", "sparsity"))
     if all(isinstance(r.get("train_flops_vs_single"), (int, float)) for r in rows) \
-            and len({r["train_flops_vs_single"] for r in rows}) > 1:
+            and len({r["train_flops_vs_single"] for r in rows}) > 1 and (budget_axis or not analysis_axis):
+        # (a sweep of |F_h|, M or S changes the cost with the point: its own figure shows that point by point)
         # equal compute reads off a vertical line: accuracy and NLL against training FLOPs vs single,
         # a line per method through its budgets (E values or budget modes)
         written.append(out / "budget_flops.png")

@@ -511,3 +511,17 @@ def test_bf16_and_fp32_runs_of_one_point_are_two_rows_of_the_summary_not_two_see
     assert sorted(r["bf16"] for r in read_csv(tmp_path / "report" / "results.csv")) == ["False", "True"]
     table = [line for line in (tmp_path / "report" / "summary.md").read_text().splitlines() if line.startswith("| ")]
     assert table[0].startswith("| bf16 | seeds |") and len(table) == 4  # header, rule, one row per arithmetic
+
+
+def test_a_blocks_in_head_sweep_gets_fig_3_not_a_budget_plot_although_its_points_cost_differently(tmp_path):
+    runs = tmp_path / "runs"
+    for blocks in (1, 2, 4):
+        folder = runs / f"blocks-in-head={blocks}_seed=0"
+        fake_vision_run(folder, "neurotrails", 0, blocks_in_head=blocks)
+        for name in ("config.json", "results.json"):  # the cost train_vision.py records grows with |F_h|
+            data = json.loads((folder / name).read_text())
+            data.get("config", data).update(budget="paper", dense_epochs=10, train_flops_vs_single=0.8 + 0.1 * blocks)
+            (folder / name).write_text(json.dumps(data))
+    written = {p.name for p in evaluate.write_report([runs], tmp_path / "report")}
+    assert written == {"results.csv", "summary.md", "fig5_over_training.png", "fig3_blocks_in_head.png",
+                       "fig3_goldilocks.png"}
