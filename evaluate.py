@@ -900,9 +900,9 @@ def vision_figures(runs, rows, keys, out, title):
     analysis_axis = any(k in keys for k in ("blocks_in_head", "num_heads", "sparsity"))
     if all(isinstance(r.get("train_flops_vs_single"), (int, float)) for r in rows) \
             and len({r["train_flops_vs_single"] for r in rows}) > 1 and (budget_axis or not analysis_axis):
-        # (a sweep of |F_h|, M or S changes the cost with the point: its own figure shows that point by point)
         # equal compute reads off a vertical line: accuracy and NLL against training FLOPs vs single,
-        # a line per method through its budgets (E values or budget modes)
+        # a line per method through its budgets (E values or budget modes); a sweep of |F_h|, M or S,
+        # whose cost changes with the point, has its own figure instead
         written.append(out / "budget_flops.png")
         plot_vs(rows, [k for k in keys if k not in ("dense_epochs", "budget")] + ["train_flops_vs_single"],
                 "train_flops_vs_single", [("acc", "test accuracy (%)", 100), ("nll", "test NLL", 1)],

@@ -920,12 +920,10 @@ def run_sweep(main, argv, args, resolve):
         raise ValueError("--sweep / --seeds run their own points: sweep method=... instead of --compare, "
                          "and re-run the same command instead of --resume")
     points = sweep_points(argv, args, resolve)
-    outcome, start = {"failed": [], "stale": [], "elsewhere": []}, time.perf_counter()
-    for i, (name, point, config) in enumerate(points, 1):
-        status = run_point(main, Path(args.out) / name, point, config, args.overwrite, f"[{i}/{len(points)}] {name}")
-        if status in outcome:
-            outcome[status].append(name)
-    failed, stale, elsewhere = outcome["failed"], outcome["stale"], outcome["elsewhere"]
+    start = time.perf_counter()
+    statuses = [(name, run_point(main, Path(args.out) / name, point, config, args.overwrite,
+                                 f"[{i}/{len(points)}] {name}")) for i, (name, point, config) in enumerate(points, 1)]
+    failed, stale, elsewhere = ([n for n, s in statuses if s == kind] for kind in ("failed", "stale", "elsewhere"))
     total = f"{len(points)} points in {time.perf_counter() - start:.0f} s"
     if elsewhere:
         total += f" ({len(elsewhere)} left to the processes running them: {', '.join(elsewhere)})"

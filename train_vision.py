@@ -415,8 +415,6 @@ def eval_only(argv):
         if (args.corruptions or args.heads_grid) and not isinstance(data, dict):
             raise ValueError(f"--{'corruptions' if args.corruptions else 'heads-grid'} needs an in-memory test set "
                              "(CIFAR-100 or Fashion-MNIST checkpoints)")
-        if args.corruptions:  # colour-only corruptions on one-channel images: refused before any work
-            corruption_names(args.corruptions, data["x"].shape[1])
         models_to_grid = [(Path(args.checkpoint).resolve().parent.name, net)]
         if args.grid_with:
             other = load_checkpoint(args.grid_with, flag="--grid-with")
@@ -437,9 +435,10 @@ def eval_only(argv):
 
 
 def check_corruption_flags(args, state):
-    """--corruptions names known corruptions; --corruptions-dir is a CIFAR-100-C folder whose images
-    and labels fit the checkpoint's input and classes; not both."""
-    names = corruption_names(args.corruptions)
+    """--corruptions names known corruptions (no colour-only one on one-channel images);
+    --corruptions-dir is a CIFAR-100-C folder whose images and labels fit the checkpoint's input and
+    classes; not both."""
+    names = corruption_names(args.corruptions, state["input_shape"][0])
     if any(n not in CORRUPTIONS for n in names):
         raise ValueError(f"--corruptions: unknown corruption in {args.corruptions!r}; choose from "
                          f"{', '.join(CORRUPTIONS)}")
