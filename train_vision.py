@@ -27,6 +27,7 @@ Deviation: augmentation. Released code: horizontal flip only for CIFAR-100. Ours
   crop + flip, the standard CIFAR recipe the paper's dense baselines were trained with.
 """
 import argparse
+import functools
 import gzip
 import json
 import math
@@ -620,18 +621,33 @@ def train_batches(data, batch_size, seed, epoch, member, dataset, device, worker
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         return
     order, g = epoch_order(len(data["y"]), seed, epoch, member)
-    for i in range(len(order) // batch_size):
+    steps = len(order) // batch_size
+    if steps == 0:
+        return
+    # The epoch's crops and flips, drawn here in the order the batches use them, then moved to
+    # the data's device with the order: one copy per epoch, none per step (on a GPU a copy from
+    # the host waits for the device, so the next step could not be queued while this one runs).
+    draws = torch.stack([crop_flip_draws(batch_size, g) for _ in range(steps)])
+    order, draws = order.to(data["x"].device), draws.to(data["x"].device)
+    for i in range(steps):
         idx = order[i * batch_size:(i + 1) * batch_size]
-        x = augment(data["x"][idx], g)[rank::world]  # the whole batch is drawn: same RNG stream everywhere
+        x = augment(data["x"][idx], draws[i])[rank::world]  # the whole batch is drawn: same RNG stream everywhere
         yield normalize(x.to(device), dataset), data["y"][idx][rank::world].to(device)
 
 
-def augment(x, g, pad=4):
-    """Pad-4 random crop + random horizontal flip of a uint8 batch, with generator g."""
+def crop_flip_draws(n, g, pad=4):
+    """A batch's random crop offsets and flips, drawn from generator g: (3, n) = dx, dy, flip."""
+    dx, dy = torch.randint(0, 2 * pad + 1, (2, n), generator=g)
+    flip = torch.rand(n, generator=g) < 0.5
+    return torch.stack([dx, dy, flip.long()])
+
+
+def augment(x, draws, pad=4):
+    """Pad-4 random crop + random horizontal flip of a uint8 batch, as `crop_flip_draws` drew them
+    (on x's device)."""
     n, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))  # zeros around, as torchvision's RandomCrop(padding=4)
-    dx, dy = torch.randint(0, 2 * pad + 1, (2, n), generator=g).to(x.device)
-    flip = (torch.rand(n, generator=g) < 0.5).to(x.device)
+    dx, dy, flip = draws[0], draws[1], draws[2].bool()
     # image i's crop: rows dy_i .. dy_i + h - 1, columns dx_i .. dx_i + w - 1, read right to left if flipped
     rows = dy[:, None] + torch.arange(h, device=x.device)
     cols = dx[:, None] + torch.where(flip[:, None], torch.arange(w - 1, -1, -1, device=x.device),
@@ -643,10 +659,16 @@ def augment(x, g, pad=4):
 def normalize(x, dataset):
     """uint8 (N, C, H, W) -> float, (x / 255 - mean) / std per channel (on x's device: GPU runs
     move the uint8 batch, a quarter of the bytes)."""
-    r = RECIPES[dataset]
-    mean = torch.tensor(r["mean"], device=x.device)[:, None, None]
-    std = torch.tensor(r["std"], device=x.device)[:, None, None]
+    mean, std = channel_stats(dataset, x.device)
     return (x.float() / 255 - mean) / std
+
+
+@functools.cache
+def channel_stats(dataset, device):
+    """The recipe's per-channel mean and std as (C, 1, 1) tensors on device, made once per device."""
+    r = RECIPES[dataset]
+    return (torch.tensor(r["mean"], device=device)[:, None, None],
+            torch.tensor(r["std"], device=device)[:, None, None])
 
 
 def test_batches(data, batch_size, dataset, device, workers=0):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import evaluate
 import neurotrails
@@ -206,16 +208,16 @@ def test_head_lr_scale_gives_the_heads_their_own_learning_rate(data_dir, tmp_pat
 def test_augmentation_is_a_crop_and_flip_of_the_input():
     g = torch.Generator().manual_seed(0)
     x = torch.arange(2 * 1 * 6 * 6, dtype=torch.uint8).view(2, 1, 6, 6)
-    out = train_vision.augment(x, g, pad=0)  # no padding: every crop is the image itself
+    out = train_vision.augment(x, train_vision.crop_flip_draws(2, g, pad=0), pad=0)  # every crop is the image
     for i in range(2):
         assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(2))
-    big = train_vision.augment(torch.full((64, 1, 8, 8), 7, dtype=torch.uint8), g)
+    big = train_vision.augment(torch.full((64, 1, 8, 8), 7, dtype=torch.uint8), train_vision.crop_flip_draws(64, g))
     assert big.shape == (64, 1, 8, 8) and (big == 0).any() and (big == 7).any()  # padding shows up
 
 
 def test_vectorised_augmentation_equals_the_per_image_crop_and_flip_it_draws():
     x = torch.randint(0, 256, (32, 3, 10, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    out = train_vision.augment(x, torch.Generator().manual_seed(5))
+    out = train_vision.augment(x, train_vision.crop_flip_draws(32, torch.Generator().manual_seed(5)))
     g = torch.Generator().manual_seed(5)  # the same draws, applied one image at a time
     dx, dy = torch.randint(0, 9, (2, 32), generator=g).tolist()
     flip = torch.rand(32, generator=g) < 0.5
@@ -223,6 +225,55 @@ def test_vectorised_augmentation_equals_the_per_image_crop_and_flip_it_draws():
     for i in range(32):
         crop = padded[i, :, dy[i]:dy[i] + 10, dx[i]:dx[i] + 10]
         assert torch.equal(out[i], crop.flip(2) if flip[i] else crop)
+
+
+def test_batches_drawn_per_epoch_are_the_batches_drawn_step_by_step():
+    # The crops and flips of an epoch are drawn before its first batch; the generator's stream is
+    # the one a batch-by-batch draw gives, so a run resumes into the batches it would have seen.
+    g = torch.Generator().manual_seed(3)
+    data = {"x": torch.randint(0, 256, (50, 1, 6, 6), dtype=torch.uint8, generator=g),
+            "y": torch.randint(0, 10, (50,), generator=g)}
+    got = list(train_vision.train_batches(data, 16, seed=4, epoch=2, member=1, dataset="fashion-mnist", device="cpu"))
+    order, g = train_vision.epoch_order(50, 4, 2, 1)
+    assert len(got) == 3  # 50 // 16; the partial batch is dropped
+    for i, (x, y) in enumerate(got):
+        idx = order[16 * i:16 * (i + 1)]
+        crop = train_vision.augment(data["x"][idx], train_vision.crop_flip_draws(16, g))
+        assert torch.equal(x, train_vision.normalize(crop, "fashion-mnist")) and torch.equal(y, data["y"][idx])
+
+
+class HostTraffic(TorchDispatchMode):
+    """Records every op that reads a host tensor into a device tensor: on a GPU, a copy from the
+    host waits for the device; reading a value back (.item()) raises on the meta device."""
+
+    def __init__(self):
+        super().__init__()
+        self.crossings = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        host = any(t.device.type == "cpu" and t.dim() > 0 for t in inputs)  # a 0-dim one is a scalar argument
+        if host and any(t.device.type != "cpu" for t in inputs + outputs):
+            self.crossings.append(str(func))
+        return out
+
+
+def test_a_device_epoch_moves_nothing_from_the_host_per_step():
+    # The GPU leg's promise, checked on the meta device (tensors without data): after the epoch's
+    # one copy of its order and draws, no step copies from the host or reads a value back.
+    data = {"x": torch.zeros(64, 3, 8, 8, dtype=torch.uint8, device="meta"),
+            "y": torch.zeros(64, dtype=torch.long, device="meta")}
+    batches = train_vision.train_batches(data, 16, 0, 0, 0, "cifar100", "meta")
+    x, y = next(batches)  # the epoch's copies happen here, before its first batch
+    with HostTraffic() as seen:
+        rest = list(batches)
+    assert len(rest) == 3 and x.shape == (16, 3, 8, 8) and x.dtype == torch.float32 and x.device.type == "meta"
+    assert seen.crossings == []
+    with HostTraffic() as seen:  # the check sees a per-step copy where there is one
+        data["x"][torch.arange(4)]
+    assert seen.crossings == ["aten.index.Tensor"]
 
 
 def test_evaluate_checkpoint_reproduces_the_logged_metrics_and_plots(data_dir, tmp_path):
