@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import neurotrails  # noqa: E402
+import sparsity  # noqa: E402
 
 
 class CountOps(TorchDispatchMode):
@@ -39,12 +40,12 @@ def main(model, method, threads, mode):
     masks = neurotrails.build_masks(net, 0.8) if method == "neurotrails" else None
     if mode == "cl":
         net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    if mode == "ops":  # to meta: new Parameter objects, so the masks are pointed at them
+    if mode == "ops":  # to meta (new Parameter objects): the masks follow through their state, as on a resume
+        state = masks.state_dict() if masks is not None else None
         net, x, y = net.to("meta"), x.to("meta"), y.to("meta")
-        if masks is not None:
-            params = dict(net.named_parameters())
-            masks.masks = {name: mask.to("meta") for name, mask in masks.masks.items()}
-            masks.weights = {name: params[name] for name in masks.masks}
+        if state is not None:
+            masks = sparsity.Masks(neurotrails.masked_weights(net), {})
+            masks.load_state_dict(state)
     # ops: foreach, as SGD's default on a GPU (on the meta device it would default to a loop over tensors)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
                           foreach=True if mode == "ops" else None)
